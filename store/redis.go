@@ -1,0 +1,965 @@
+package store
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+	"unsafe"
+
+	"github.com/redis/go-redis/v9"
+)
+
+var _ Store = (*Redis)(nil)
+
+// Defaults of RedisConfig, used where a field is zero.
+const (
+	DefaultPrefix         = "relay"
+	DefaultBeatInterval   = time.Second
+	DefaultRegistryTTL    = 5 * time.Second
+	DefaultResyncInterval = 30 * time.Second
+	DefaultOpTimeout      = 2 * time.Second
+	DefaultEventTTL       = 24 * time.Hour
+)
+
+// busVersion is the version of the registry events that replicas exchange.
+// A replica ignores and counts events of another version.
+const busVersion = 1
+
+// genField is the hash field that holds a replica's registry generation. It
+// cannot clash with a provider id, which the relay builds from hex digits.
+const genField = "~gen"
+
+// RedisConfig configures a Redis store. Zero values select the defaults.
+type RedisConfig struct {
+	// Client is a go-redis client for a single node, Sentinel or Cluster. Required.
+	Client redis.UniversalClient
+	// Prefix starts every key and channel name. Zero means "relay". Tests and
+	// several clusters sharing one Redis use distinct prefixes.
+	Prefix string
+	// ReplicaID identifies this replica. Required, unique per running process.
+	ReplicaID string
+	// Addr and Version are shown to operators in the replica list.
+	Addr, Version string
+	// BeatInterval is how often this replica refreshes its liveness key,
+	// flushes provider updates and publishes its beat. Zero means 1 s.
+	BeatInterval time.Duration
+	// TTL is how long this replica's keys outlive its last beat, and how long
+	// other replicas wait for a beat before they treat this one as dead. It
+	// must be at least twice BeatInterval. Zero means 5 s.
+	TTL time.Duration
+	// ResyncInterval is how often the whole registry view is reloaded from
+	// Redis, to repair anything a lost pub/sub message left out. Zero means 30 s.
+	ResyncInterval time.Duration
+	// OpTimeout bounds each Redis call the store makes itself. Zero means 2 s.
+	OpTimeout time.Duration
+	// MaxAccountEvents is how many account events are kept per user. Zero means 500.
+	MaxAccountEvents int
+	// AccountEventTTL is how long a user's events outlive the newest. Zero means 24 h.
+	AccountEventTTL time.Duration
+	// Logger receives connection changes and errors. Nil means slog.Default().
+	Logger *slog.Logger
+	// Metrics receives counts of store events. Nil means counts are kept but
+	// not shared with the caller.
+	Metrics *Metrics
+}
+
+// Redis is a Store for several replicas that share one Redis deployment.
+//
+// Each replica writes the providers it holds into one hash with a TTL and
+// publishes every change on a shared events channel. Every replica keeps a
+// view of all hashes in memory, fed by those events and reloaded when a
+// generation number shows that it missed one, so reading the registry costs
+// no Redis round trip. Messages to a replica travel over its inbox channel.
+type Redis struct {
+	cfg     RedisConfig
+	client  redis.UniversalClient
+	log     *slog.Logger
+	metrics *Metrics
+
+	// Static after construction: key and channel names.
+	replicasKey, aliveKey, providersKey string
+	inboxChannel, eventsChannel         string
+
+	startedAt time.Time
+	ops       chan writeOp
+	reload    chan string // replica id to reload, "" for all
+	stop      chan struct{}
+	done      sync.WaitGroup
+	closeOnce sync.Once
+	pending   atomic.Int64
+
+	mu sync.Mutex
+	// Guarded by mu: this replica's providers and the updates not yet flushed.
+	local    map[string]Provider
+	dirty    map[string]struct{}
+	fullSync bool // set when a write failed, so the next beat rewrites everything
+	gen      uint64
+	// Guarded by mu: the view of the other replicas.
+	peers   map[string]*peerView
+	handler Handler
+	health  Health
+	// Guarded by mu: when this replica last received its own beat back.
+	ownBeatSeen time.Time
+	lastBeatOK  time.Time
+	closed      bool
+}
+
+type peerView struct {
+	info      Replica
+	gen       uint64
+	providers map[string]Provider
+	lastSeen  time.Time
+}
+
+type writeOp struct {
+	up       *Provider // register
+	downID   string    // unregister
+	result   chan error
+}
+
+// registryEvent is published on the events channel.
+type registryEvent struct {
+	V          int        `json:"v"`
+	Op         string     `json:"op"` // "up", "down", "beat", "reset", "bye"
+	ReplicaID  string     `json:"replica_id"`
+	Gen        uint64     `json:"gen"`
+	Provider   *Provider  `json:"provider,omitempty"`
+	ProviderID string     `json:"provider_id,omitempty"`
+	Replica    *Replica   `json:"replica,omitempty"`
+	Updates    []Provider `json:"updates,omitempty"`
+}
+
+// NewRedis returns a Redis store. Call Start before use.
+func NewRedis(cfg RedisConfig) (*Redis, error) {
+	if cfg.Client == nil {
+		return nil, errors.New("store: RedisConfig.Client is required")
+	}
+	if cfg.ReplicaID == "" {
+		return nil, errors.New("store: RedisConfig.ReplicaID is required")
+	}
+	if cfg.Prefix == "" {
+		cfg.Prefix = DefaultPrefix
+	}
+	if cfg.BeatInterval <= 0 {
+		cfg.BeatInterval = DefaultBeatInterval
+	}
+	if cfg.TTL <= 0 {
+		cfg.TTL = DefaultRegistryTTL
+	}
+	if cfg.TTL < 2*cfg.BeatInterval {
+		return nil, fmt.Errorf("store: registry TTL %v must be at least twice the beat interval %v", cfg.TTL, cfg.BeatInterval)
+	}
+	if cfg.ResyncInterval <= 0 {
+		cfg.ResyncInterval = DefaultResyncInterval
+	}
+	if cfg.OpTimeout <= 0 {
+		cfg.OpTimeout = DefaultOpTimeout
+	}
+	if cfg.MaxAccountEvents <= 0 {
+		cfg.MaxAccountEvents = DefaultMaxAccountEvents
+	}
+	if cfg.AccountEventTTL <= 0 {
+		cfg.AccountEventTTL = DefaultEventTTL
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = new(Metrics)
+	}
+	p, id := cfg.Prefix, cfg.ReplicaID
+	// Keys of one replica share the hash tag {id}, so they stay in one slot
+	// of a Redis Cluster and can be written in one transaction.
+	s := &Redis{
+		cfg:           cfg,
+		client:        cfg.Client,
+		log:           cfg.Logger.With("component", "store", "replica", id),
+		metrics:       cfg.Metrics,
+		replicasKey:   p + ":replicas",
+		aliveKey:      p + ":{" + id + "}:alive",
+		providersKey:  p + ":{" + id + "}:providers",
+		inboxChannel:  InboxChannel(p, id),
+		eventsChannel: p + ":events",
+		startedAt:     time.Now().UTC(),
+		ops:           make(chan writeOp, 1024),
+		reload:        make(chan string, 64),
+		stop:          make(chan struct{}),
+		local:         make(map[string]Provider),
+		dirty:         make(map[string]struct{}),
+		peers:         make(map[string]*peerView),
+		health:        Health{Backend: "redis", Since: time.Now().UTC()},
+	}
+	return s, nil
+}
+
+// InboxChannel returns the name of the channel a replica receives messages on.
+func InboxChannel(prefix, replicaID string) string {
+	return prefix + ":{" + replicaID + "}:inbox"
+}
+
+func (s *Redis) providersKeyOf(id string) string { return s.cfg.Prefix + ":{" + id + "}:providers" }
+func (s *Redis) aliveKeyOf(id string) string     { return s.cfg.Prefix + ":{" + id + "}:alive" }
+func (s *Redis) eventsKey(userID string) string {
+	return s.cfg.Prefix + ":{u:" + userID + "}:account_events"
+}
+
+// ReplicaID returns the identity of this replica.
+func (s *Redis) ReplicaID() string { return s.cfg.ReplicaID }
+
+// Start subscribes to this replica's inbox and the events channel, writes the
+// first beat, loads the registry view and starts the background loops.
+func (s *Redis) Start(ctx context.Context, h Handler) error {
+	s.mu.Lock()
+	s.handler = h
+	s.mu.Unlock()
+
+	pubsub := s.client.Subscribe(ctx, s.inboxChannel, s.eventsChannel)
+	// Receive waits for the subscription confirmation, so no message sent
+	// after Start returns can be missed.
+	if _, err := pubsub.Receive(ctx); err != nil {
+		_ = pubsub.Close()
+		return fmt.Errorf("store: subscribe to %s: %w", s.inboxChannel, err)
+	}
+	if err := s.beat(ctx); err != nil {
+		_ = pubsub.Close()
+		return fmt.Errorf("store: first registry write: %w", err)
+	}
+	if err := s.reloadPeers(ctx, ""); err != nil {
+		_ = pubsub.Close()
+		return fmt.Errorf("store: load registry: %w", err)
+	}
+	s.mu.Lock()
+	s.health.PubSubOK = true
+	s.ownBeatSeen = time.Now()
+	s.mu.Unlock()
+
+	s.done.Add(3)
+	go s.receiveLoop(pubsub)
+	go s.writeLoop()
+	go s.reloadLoop()
+	s.log.Info("registry started", "prefix", s.cfg.Prefix, "ttl", s.cfg.TTL, "beat_interval", s.cfg.BeatInterval)
+	return nil
+}
+
+func (s *Redis) opContext() (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.Background(), s.cfg.OpTimeout)
+}
+
+// Register adds a provider held by this replica and publishes it. The
+// provider stays registered locally even when Redis fails, and is written
+// again by the next successful beat.
+func (s *Redis) Register(ctx context.Context, p Provider) error {
+	p.InstanceID = s.cfg.ReplicaID
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return ErrClosed
+	}
+	s.local[p.ID] = p
+	s.mu.Unlock()
+	return s.submit(ctx, writeOp{up: &p})
+}
+
+// Update records a provider's new state for the next beat.
+func (s *Redis) Update(p Provider) {
+	p.InstanceID = s.cfg.ReplicaID
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.local[p.ID]; !ok {
+		return
+	}
+	s.local[p.ID] = p
+	s.dirty[p.ID] = struct{}{}
+}
+
+// Unregister removes a provider held by this replica and publishes it.
+func (s *Redis) Unregister(ctx context.Context, id string) error {
+	s.mu.Lock()
+	if _, ok := s.local[id]; !ok {
+		s.mu.Unlock()
+		return nil
+	}
+	delete(s.local, id)
+	delete(s.dirty, id)
+	closed := s.closed
+	s.mu.Unlock()
+	if closed {
+		return nil
+	}
+	return s.submit(ctx, writeOp{downID: id})
+}
+
+// submit hands a write to the write loop, which applies writes in order, and
+// waits for its result.
+func (s *Redis) submit(ctx context.Context, op writeOp) error {
+	op.result = make(chan error, 1)
+	select {
+	case s.ops <- op:
+	case <-ctx.Done():
+		s.markFullSync()
+		return ctx.Err()
+	case <-s.stop:
+		return ErrClosed
+	}
+	select {
+	case err := <-op.result:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (s *Redis) markFullSync() {
+	s.mu.Lock()
+	s.fullSync = true
+	s.mu.Unlock()
+}
+
+// writeLoop owns every write of this replica's registry state, so that the
+// events it publishes arrive at the other replicas in generation order.
+func (s *Redis) writeLoop() {
+	defer s.done.Done()
+	beat := time.NewTicker(s.cfg.BeatInterval)
+	defer beat.Stop()
+	resync := time.NewTicker(s.cfg.ResyncInterval)
+	defer resync.Stop()
+	for {
+		select {
+		case <-s.stop:
+			return
+		case op := <-s.ops:
+			batch := []writeOp{op}
+		drain:
+			for len(batch) < 512 {
+				select {
+				case more := <-s.ops:
+					batch = append(batch, more)
+				default:
+					break drain
+				}
+			}
+			s.writeBatch(batch)
+		case <-beat.C:
+			ctx, cancel := s.opContext()
+			if err := s.beat(ctx); err != nil {
+				s.setRegistryError(err)
+			}
+			cancel()
+			s.checkPeers()
+			s.checkPubSub()
+		case <-resync.C:
+			s.requestReload("")
+		}
+	}
+}
+
+// writeBatch applies registrations and removals in one pipeline.
+func (s *Redis) writeBatch(batch []writeOp) {
+	ctx, cancel := s.opContext()
+	defer cancel()
+	pipe := s.client.Pipeline()
+	s.mu.Lock()
+	for _, op := range batch {
+		s.gen++
+		ev := registryEvent{V: busVersion, ReplicaID: s.cfg.ReplicaID, Gen: s.gen}
+		if op.up != nil {
+			data, _ := json.Marshal(op.up)
+			pipe.HSet(ctx, s.providersKey, op.up.ID, data, genField, s.gen)
+			ev.Op, ev.Provider = "up", op.up
+		} else {
+			pipe.HDel(ctx, s.providersKey, op.downID)
+			pipe.HSet(ctx, s.providersKey, genField, s.gen)
+			ev.Op, ev.ProviderID = "down", op.downID
+		}
+		msg, _ := json.Marshal(ev)
+		pipe.Publish(ctx, s.eventsChannel, msg)
+	}
+	s.mu.Unlock()
+	pipe.PExpire(ctx, s.providersKey, s.cfg.TTL)
+	_, err := pipe.Exec(ctx)
+	if err != nil {
+		s.markFullSync()
+		s.setRegistryError(err)
+		err = fmt.Errorf("%w: %v", ErrUnavailable, err)
+	} else {
+		s.setRegistryOK()
+	}
+	for _, op := range batch {
+		op.result <- err
+	}
+}
+
+// beat refreshes this replica's liveness key, flushes provider updates and
+// publishes them. When Redis has lost this replica's hash (a restart without
+// persistence, an eviction) or an earlier write failed, it rewrites the hash
+// whole in one transaction.
+func (s *Redis) beat(ctx context.Context) error {
+	s.mu.Lock()
+	full := s.fullSync
+	info := s.replicaInfoLocked()
+	updates := make([]Provider, 0, len(s.dirty))
+	for id := range s.dirty {
+		updates = append(updates, s.local[id])
+	}
+	clear(s.dirty)
+	s.fullSync = false
+	gen := s.gen
+	s.mu.Unlock()
+
+	infoJSON, _ := json.Marshal(info)
+	pipe := s.client.Pipeline()
+	pipe.Set(ctx, s.aliveKey, infoJSON, s.cfg.TTL)
+	pipe.SAdd(ctx, s.replicasKey, s.cfg.ReplicaID)
+	exists := pipe.PExpire(ctx, s.providersKey, s.cfg.TTL)
+	if _, err := pipe.Exec(ctx); err != nil {
+		s.requeue(updates)
+		return err
+	}
+	if !exists.Val() || full {
+		if err := s.rewrite(ctx); err != nil {
+			return err
+		}
+		s.mu.Lock()
+		gen = s.gen
+		s.mu.Unlock()
+		updates = updates[:0] // the rewrite carried them
+	}
+
+	pipe = s.client.Pipeline()
+	if len(updates) > 0 {
+		args := make([]any, 0, 2*len(updates))
+		for _, p := range updates {
+			data, _ := json.Marshal(p)
+			args = append(args, p.ID, data)
+		}
+		pipe.HSet(ctx, s.providersKey, args...)
+	}
+	ev, _ := json.Marshal(registryEvent{V: busVersion, Op: "beat", ReplicaID: s.cfg.ReplicaID, Gen: gen, Replica: &info, Updates: updates})
+	pipe.Publish(ctx, s.eventsChannel, ev)
+	if _, err := pipe.Exec(ctx); err != nil {
+		s.requeue(updates)
+		return err
+	}
+	s.mu.Lock()
+	s.lastBeatOK = time.Now()
+	s.mu.Unlock()
+	s.setRegistryOK()
+	return nil
+}
+
+// rewrite replaces this replica's hash with every provider it holds and tells
+// the other replicas to reload it.
+func (s *Redis) rewrite(ctx context.Context) error {
+	s.mu.Lock()
+	s.gen++
+	gen := s.gen
+	args := make([]any, 0, 2*len(s.local)+2)
+	args = append(args, genField, gen)
+	for id, p := range s.local {
+		data, _ := json.Marshal(p)
+		args = append(args, id, data)
+	}
+	n := len(s.local)
+	s.mu.Unlock()
+
+	ev, _ := json.Marshal(registryEvent{V: busVersion, Op: "reset", ReplicaID: s.cfg.ReplicaID, Gen: gen})
+	tx := s.client.TxPipeline()
+	tx.Del(ctx, s.providersKey)
+	tx.HSet(ctx, s.providersKey, args...)
+	tx.PExpire(ctx, s.providersKey, s.cfg.TTL)
+	if _, err := tx.Exec(ctx); err != nil {
+		s.markFullSync()
+		return err
+	}
+	if err := s.client.Publish(ctx, s.eventsChannel, ev).Err(); err != nil {
+		return err
+	}
+	s.metrics.inc(&s.metrics.Rewrites)
+	s.log.Info("registry rewritten", "providers", n, "gen", gen)
+	return nil
+}
+
+// requeue marks updates that failed to flush as dirty again.
+func (s *Redis) requeue(updates []Provider) {
+	s.mu.Lock()
+	for _, p := range updates {
+		if _, ok := s.local[p.ID]; ok {
+			s.dirty[p.ID] = struct{}{}
+		}
+	}
+	s.mu.Unlock()
+}
+
+func (s *Redis) replicaInfoLocked() Replica {
+	return Replica{
+		ID:        s.cfg.ReplicaID,
+		Addr:      s.cfg.Addr,
+		Version:   s.cfg.Version,
+		StartedAt: s.startedAt,
+		LastSeen:  time.Now().UTC(),
+		Providers: len(s.local),
+		Pending:   int(s.pending.Load()),
+	}
+}
+
+// receiveLoop reads the subscription. It never blocks on the handler, which
+// must not block either, so go-redis never drops a message for a slow reader.
+func (s *Redis) receiveLoop(pubsub *redis.PubSub) {
+	defer s.done.Done()
+	defer pubsub.Close()
+	for {
+		ch := pubsub.ChannelWithSubscriptions(redis.WithChannelSize(4096))
+		for {
+			select {
+			case <-s.stop:
+				return
+			case m, ok := <-ch:
+				if !ok {
+					return
+				}
+				switch m := m.(type) {
+				case *redis.Subscription:
+					// go-redis resubscribed after a reconnect: events sent in
+					// between are lost, so reload the whole view.
+					if m.Kind == "subscribe" && m.Channel == s.eventsChannel {
+						s.log.Info("pub/sub subscribed", "channel", m.Channel)
+						s.requestReload("")
+					}
+				case *redis.Message:
+					s.dispatch(m)
+				}
+			}
+		}
+	}
+}
+
+func (s *Redis) dispatch(m *redis.Message) {
+	if m.Channel == s.inboxChannel {
+		s.mu.Lock()
+		h := s.handler
+		s.mu.Unlock()
+		if h != nil {
+			h.HandleMessage(unsafe.Slice(unsafe.StringData(m.Payload), len(m.Payload)))
+		}
+		return
+	}
+	var ev registryEvent
+	if err := json.Unmarshal([]byte(m.Payload), &ev); err != nil || ev.V != busVersion {
+		s.metrics.inc(&s.metrics.UnknownEvents)
+		s.log.Debug("ignored registry event of unknown format", "bytes", len(m.Payload), "err", err)
+		return
+	}
+	s.applyEvent(ev)
+}
+
+// applyEvent updates the view of another replica. An event whose generation
+// does not follow the view's means an event was missed: the replica's hash is
+// reloaded.
+func (s *Redis) applyEvent(ev registryEvent) {
+	now := time.Now()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if ev.ReplicaID == s.cfg.ReplicaID {
+		if ev.Op == "beat" {
+			s.ownBeatSeen = now
+		}
+		return
+	}
+	peer := s.peers[ev.ReplicaID]
+	if ev.Op == "bye" {
+		if peer != nil {
+			delete(s.peers, ev.ReplicaID)
+			s.replicaDownLocked(ev.ReplicaID)
+		}
+		return
+	}
+	if peer == nil {
+		peer = &peerView{info: Replica{ID: ev.ReplicaID}, providers: make(map[string]Provider)}
+		s.peers[ev.ReplicaID] = peer
+		s.requestReloadLocked(ev.ReplicaID)
+	}
+	peer.lastSeen = now
+	switch ev.Op {
+	case "up", "down":
+		if ev.Gen <= peer.gen {
+			return
+		}
+		if ev.Gen != peer.gen+1 {
+			s.requestReloadLocked(ev.ReplicaID)
+		}
+		peer.gen = ev.Gen
+		if ev.Op == "up" && ev.Provider != nil {
+			peer.providers[ev.Provider.ID] = *ev.Provider
+		} else {
+			delete(peer.providers, ev.ProviderID)
+		}
+	case "beat":
+		if ev.Replica != nil {
+			peer.info = *ev.Replica
+		}
+		// Updates never create a provider: one that is gone stays gone even
+		// if its last update arrives after its removal.
+		for _, p := range ev.Updates {
+			if _, ok := peer.providers[p.ID]; ok {
+				peer.providers[p.ID] = p
+			}
+		}
+		if ev.Gen != peer.gen {
+			s.requestReloadLocked(ev.ReplicaID)
+		}
+	case "reset":
+		s.requestReloadLocked(ev.ReplicaID)
+	}
+}
+
+func (s *Redis) requestReload(id string) {
+	s.mu.Lock()
+	s.requestReloadLocked(id)
+	s.mu.Unlock()
+}
+
+func (s *Redis) requestReloadLocked(id string) {
+	select {
+	case s.reload <- id:
+	default:
+		// The queue is full: a reload of everything covers this one.
+		select {
+		case s.reload <- "":
+		default:
+		}
+	}
+}
+
+func (s *Redis) reloadLoop() {
+	defer s.done.Done()
+	for {
+		select {
+		case <-s.stop:
+			return
+		case id := <-s.reload:
+			ids := map[string]struct{}{id: {}}
+		drain:
+			for {
+				select {
+				case more := <-s.reload:
+					ids[more] = struct{}{}
+				default:
+					break drain
+				}
+			}
+			if _, all := ids[""]; all {
+				ids = map[string]struct{}{"": {}}
+			}
+			for id := range ids {
+				ctx, cancel := s.opContext()
+				if err := s.reloadPeers(ctx, id); err != nil {
+					s.setRegistryError(err)
+				}
+				cancel()
+			}
+		}
+	}
+}
+
+// reloadPeers reads the hashes of replica only, or of every replica when
+// only is empty, and replaces their view.
+func (s *Redis) reloadPeers(ctx context.Context, only string) error {
+	ids := []string{only}
+	if only == "" {
+		var err error
+		if ids, err = s.client.SMembers(ctx, s.replicasKey).Result(); err != nil {
+			return err
+		}
+	}
+	type result struct {
+		alive *redis.StringCmd
+		hash  *redis.MapStringStringCmd
+	}
+	results := make(map[string]result, len(ids))
+	pipe := s.client.Pipeline()
+	for _, id := range ids {
+		if id == s.cfg.ReplicaID {
+			continue
+		}
+		results[id] = result{alive: pipe.Get(ctx, s.aliveKeyOf(id)), hash: pipe.HGetAll(ctx, s.providersKeyOf(id))}
+	}
+	if len(results) == 0 {
+		return nil
+	}
+	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
+		return err
+	}
+	s.metrics.inc(&s.metrics.Reloads)
+
+	var gone []string
+	now := time.Now()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for id, r := range results {
+		infoJSON, err := r.alive.Bytes()
+		if err != nil {
+			// No liveness key: the replica is dead or stopped.
+			gone = append(gone, id)
+			if _, ok := s.peers[id]; ok {
+				delete(s.peers, id)
+				s.replicaDownLocked(id)
+			}
+			continue
+		}
+		hash := r.hash.Val()
+		gen, _ := strconv.ParseUint(hash[genField], 10, 64)
+		peer := s.peers[id]
+		if peer != nil && peer.gen > gen {
+			continue // events newer than this read were applied meanwhile
+		}
+		view := &peerView{gen: gen, providers: make(map[string]Provider, len(hash)), lastSeen: now}
+		if err := json.Unmarshal(infoJSON, &view.info); err != nil {
+			view.info = Replica{ID: id}
+		}
+		if peer != nil && peer.lastSeen.After(now.Add(-s.cfg.TTL)) {
+			view.lastSeen = peer.lastSeen
+		}
+		for field, data := range hash {
+			if field == genField {
+				continue
+			}
+			var p Provider
+			if err := json.Unmarshal([]byte(data), &p); err != nil {
+				s.metrics.inc(&s.metrics.UnknownEvents)
+				continue
+			}
+			view.providers[field] = p
+		}
+		s.peers[id] = view
+	}
+	if len(gone) > 0 && only == "" {
+		// Clean the replica index of dead replicas, in the background of this reload.
+		args := make([]any, len(gone))
+		for i, id := range gone {
+			args[i] = id
+		}
+		go func() {
+			ctx, cancel := s.opContext()
+			defer cancel()
+			s.client.SRem(ctx, s.replicasKey, args...)
+		}()
+	}
+	return nil
+}
+
+// checkPeers drops replicas whose beat has not arrived within the TTL.
+func (s *Redis) checkPeers() {
+	deadline := time.Now().Add(-s.cfg.TTL)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	// While this replica cannot hear its own beats, silence from the others
+	// proves nothing about them.
+	if !s.health.PubSubOK {
+		return
+	}
+	for id, peer := range s.peers {
+		if peer.lastSeen.Before(deadline) {
+			delete(s.peers, id)
+			s.log.Warn("replica missed its beats, dropped from the registry view", "peer", id, "last_seen", peer.lastSeen)
+			s.replicaDownLocked(id)
+		}
+	}
+}
+
+// checkPubSub marks pub/sub broken when this replica's own beats, published
+// successfully, have not come back through its subscription for two beat
+// intervals.
+func (s *Redis) checkPubSub() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.lastBeatOK.IsZero() {
+		return
+	}
+	silent := s.lastBeatOK.Sub(s.ownBeatSeen) > 2*s.cfg.BeatInterval
+	if silent && s.health.PubSubOK {
+		s.health.PubSubOK = false
+		s.health.Since = time.Now().UTC()
+		s.metrics.inc(&s.metrics.PubSubStalls)
+		s.log.Warn("pub/sub stopped delivering this replica's own beats")
+	} else if !silent && !s.health.PubSubOK {
+		s.health.PubSubOK = true
+		s.health.Since = time.Now().UTC()
+		s.log.Info("pub/sub delivering again")
+		s.requestReloadLocked("")
+	}
+}
+
+// replicaDownLocked tells the handler, outside the lock, that a replica is gone.
+func (s *Redis) replicaDownLocked(id string) {
+	h := s.handler
+	if h != nil {
+		go h.HandleReplicaDown(id)
+	}
+}
+
+func (s *Redis) setRegistryError(err error) {
+	s.metrics.inc(&s.metrics.RedisErrors)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.health.RegistryOK || s.health.LastError == "" {
+		s.log.Error("registry write failed", "err", err)
+		s.health.Since = time.Now().UTC()
+	}
+	s.health.RegistryOK = false
+	s.health.LastError = err.Error()
+}
+
+func (s *Redis) setRegistryOK() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.health.RegistryOK {
+		if s.health.LastError != "" {
+			s.log.Info("registry writes work again")
+		}
+		s.health.RegistryOK = true
+		s.health.LastError = ""
+		s.health.Since = time.Now().UTC()
+	}
+}
+
+// Providers returns every provider in the view, this replica's included.
+func (s *Redis) Providers(context.Context) ([]Provider, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.health.OK() {
+		return nil, ErrUnavailable
+	}
+	n := len(s.local)
+	for _, peer := range s.peers {
+		n += len(peer.providers)
+	}
+	out := make([]Provider, 0, n)
+	for _, p := range s.local {
+		out = append(out, p)
+	}
+	for _, peer := range s.peers {
+		for _, p := range peer.providers {
+			out = append(out, p)
+		}
+	}
+	return out, nil
+}
+
+// Replicas returns this replica and the live replicas in the view.
+func (s *Redis) Replicas(context.Context) ([]Replica, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.health.OK() {
+		return nil, ErrUnavailable
+	}
+	out := []Replica{s.replicaInfoLocked()}
+	for _, peer := range s.peers {
+		info := peer.info
+		info.ID = peer.info.ID
+		info.LastSeen = peer.lastSeen.UTC()
+		info.Providers = len(peer.providers)
+		out = append(out, info)
+	}
+	return out, nil
+}
+
+// Send publishes msg on the inbox of replica id. Publishing to a channel
+// nobody listens on reports ErrReplicaGone.
+//
+// TODO: in Redis Cluster, PUBLISH counts only the subscribers of the node
+// that received it; sharded pub/sub (SPUBLISH) would keep this check exact.
+func (s *Redis) Send(ctx context.Context, replicaID string, msg []byte) error {
+	n, err := s.client.Publish(ctx, InboxChannel(s.cfg.Prefix, replicaID), msg).Result()
+	if err != nil {
+		s.metrics.inc(&s.metrics.RedisErrors)
+		return fmt.Errorf("%w: publish: %v", ErrUnavailable, err)
+	}
+	if n == 0 {
+		return ErrReplicaGone
+	}
+	return nil
+}
+
+type storedEvent struct {
+	ReceivedAt float64         `json:"received_at"`
+	Message    json.RawMessage `json:"message"`
+}
+
+// AppendAccountEvent appends to the user's list, trims it and renews its TTL.
+func (s *Redis) AppendAccountEvent(ctx context.Context, userID string, ev AccountEvent) error {
+	data, err := json.Marshal(storedEvent{ReceivedAt: ev.ReceivedAt, Message: ev.Message})
+	if err != nil {
+		return fmt.Errorf("store: encode account event: %w", err)
+	}
+	key := s.eventsKey(userID)
+	pipe := s.client.Pipeline()
+	pipe.RPush(ctx, key, data)
+	pipe.LTrim(ctx, key, int64(-s.cfg.MaxAccountEvents), -1)
+	pipe.PExpire(ctx, key, s.cfg.AccountEventTTL)
+	if _, err := pipe.Exec(ctx); err != nil {
+		s.metrics.inc(&s.metrics.RedisErrors)
+		return fmt.Errorf("%w: append account event: %v", ErrUnavailable, err)
+	}
+	return nil
+}
+
+// AccountEvents returns a user's events newer than since, oldest first.
+func (s *Redis) AccountEvents(ctx context.Context, userID string, since float64) ([]AccountEvent, error) {
+	items, err := s.client.LRange(ctx, s.eventsKey(userID), 0, -1).Result()
+	if err != nil {
+		s.metrics.inc(&s.metrics.RedisErrors)
+		return nil, fmt.Errorf("%w: read account events: %v", ErrUnavailable, err)
+	}
+	out := make([]AccountEvent, 0, len(items))
+	for _, item := range items {
+		var ev storedEvent
+		if err := json.Unmarshal([]byte(item), &ev); err != nil {
+			continue
+		}
+		if ev.ReceivedAt > since {
+			out = append(out, AccountEvent{Message: ev.Message, ReceivedAt: ev.ReceivedAt})
+		}
+	}
+	return out, nil
+}
+
+// SetPending records how many requests this replica has in flight.
+func (s *Redis) SetPending(n int) { s.pending.Store(int64(n)) }
+
+// Health reports the state of Redis writes and of the subscription.
+func (s *Redis) Health() Health {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.health
+}
+
+// Close stops the loops, then deletes this replica's keys and tells the other
+// replicas at once, so its providers leave their views without waiting for
+// the TTL.
+func (s *Redis) Close(ctx context.Context) error {
+	var err error
+	s.closeOnce.Do(func() {
+		s.mu.Lock()
+		s.closed = true
+		s.mu.Unlock()
+		close(s.stop)
+		s.done.Wait()
+
+		ev, _ := json.Marshal(registryEvent{V: busVersion, Op: "bye", ReplicaID: s.cfg.ReplicaID})
+		pipe := s.client.TxPipeline()
+		pipe.Del(ctx, s.aliveKey, s.providersKey)
+		pipe.SRem(ctx, s.replicasKey, s.cfg.ReplicaID)
+		pipe.Publish(ctx, s.eventsChannel, ev)
+		if _, e := pipe.Exec(ctx); e != nil {
+			err = fmt.Errorf("store: remove replica from registry: %w", e)
+		}
+		s.log.Info("registry stopped")
+	})
+	return err
+}
