@@ -2,7 +2,7 @@
 // the id of the user who owns the agent.
 //
 // Two Validator implementations exist: KeysFile reads the keys from a local
-// file and HTTPValidator asks the web app's validate-agent-key endpoint. Both
+// file and HTTPValidator calls the web app's validate-agent-key endpoint. Both
 // handle keys only as SHA-256 digests after the first step, and no error or
 // log line they produce contains a key. Fingerprint gives a short digest
 // prefix that is safe to log in place of a key.
@@ -31,8 +31,8 @@ var (
 
 	// ErrUnavailable is wrapped by errors that leave a key's validity
 	// unknown: a timeout, a network error, an unexpected HTTP status or a
-	// canceled context. The agent should be told to retry, not that its key
-	// is wrong.
+	// canceled context. The agent's auth should fail with a retryable
+	// error, not with "invalid key".
 	ErrUnavailable = errors.New("auth: key validation unavailable")
 )
 

@@ -31,8 +31,8 @@ type flight struct {
 // The call runs on its own goroutine with a context that keeps the values of
 // the first caller's context but not its cancellation. The context is
 // canceled when every caller waiting for the call has given up, so one
-// impatient caller does not fail the others, and a call nobody waits for
-// stops, even while it waits for a concurrency slot. A caller whose ctx ends
+// impatient caller does not fail the others, and a call that no caller waits
+// for stops, even while it waits for a concurrency slot. A caller whose ctx ends
 // first gets an error wrapping ErrUnavailable and ctx.Err().
 func (g *flightGroup) do(ctx context.Context, d digest, fn func(context.Context) (string, error)) (userID string, shared bool, err error) {
 	g.mu.Lock()

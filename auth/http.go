@@ -27,9 +27,10 @@ const (
 	DefaultMaxCacheEntries = 100_000
 )
 
-// maxAnswerBytes limits how much of an answer is read. A real answer is
-// under 100 bytes, and a larger one is treated as a backend failure.
-const maxAnswerBytes = 64 << 10
+// maxResponseBytes limits how much of a response body is read. A real
+// response is under 100 bytes, and a larger one is treated as a backend
+// failure.
+const maxResponseBytes = 64 << 10
 
 // failureLogInterval is the minimum time between two warnings about failed
 // calls. A backend outage fails every agent's reconnect, which are frequent,
@@ -45,21 +46,22 @@ type HTTPConfig struct {
 	BaseURL string
 
 	// Client sends the requests. Nil means a client whose Timeout is
-	// Timeout.
+	// Timeout and that follows no redirects, so that the key in the request
+	// body is never re-sent to another URL.
 	Client *http.Client
 
 	// Timeout limits each call to the endpoint, not counting the wait for
 	// a concurrency slot. Zero means 5 s.
 	Timeout time.Duration
 
-	// CacheTTL is how long a valid answer is reused. A key revoked in the
-	// web app keeps working for new connections until its entry expires.
-	// Zero means 5 min.
+	// CacheTTL is how long a "valid": true response is reused. A key
+	// revoked in the web app keeps working for new connections until its
+	// entry expires. Zero means 5 min.
 	CacheTTL time.Duration
 
-	// NegativeTTL is how long an invalid answer is reused. A longer value
-	// spares the backend from agents retrying a wrong key, but delays a
-	// newly created key by up to this long. Zero means 30 s.
+	// NegativeTTL is how long a "valid": false response is reused. A
+	// longer value spares the backend from agents retrying a wrong key, but
+	// delays a newly created key by up to this long. Zero means 30 s.
 	NegativeTTL time.Duration
 
 	// MaxConcurrent is the maximum number of calls in flight to the
@@ -67,7 +69,7 @@ type HTTPConfig struct {
 	// 16.
 	MaxConcurrent int
 
-	// MaxCacheEntries is the maximum number of cached answers, valid and
+	// MaxCacheEntries is the maximum number of cached results, valid and
 	// invalid together. Zero means 100000.
 	MaxCacheEntries int
 
@@ -76,8 +78,8 @@ type HTTPConfig struct {
 	Logger *slog.Logger
 }
 
-// HTTPValidator is a Validator that asks the web app's validate-agent-key
-// endpoint and caches the answers by key digest. Concurrent validations of
+// HTTPValidator is a Validator that calls the web app's validate-agent-key
+// endpoint and caches the results by key digest. Concurrent validations of
 // the same key share one call. Backend failures are not cached. It is safe
 // for concurrent use.
 type HTTPValidator struct {
@@ -103,7 +105,7 @@ type HTTPValidator struct {
 // HTTPStats are an HTTPValidator's counters since construction, for export
 // as metrics.
 type HTTPStats struct {
-	CacheHits    uint64 // validations answered from the cache
+	CacheHits    uint64 // validations returned from the cache
 	CacheMisses  uint64 // validations not in the cache, each sending or joining a call
 	SharedCalls  uint64 // misses that joined a call in flight for the same key
 	Calls        uint64 // requests sent to the endpoint
@@ -117,7 +119,7 @@ type httpCounters struct {
 
 // NewHTTPValidator checks cfg, fills in defaults and returns a validator.
 func NewHTTPValidator(cfg HTTPConfig) (*HTTPValidator, error) {
-	endpoint, err := validateEndpoint(cfg.BaseURL)
+	endpoint, err := endpointURL(cfg.BaseURL)
 	if err != nil {
 		return nil, err
 	}
@@ -140,7 +142,12 @@ func NewHTTPValidator(cfg HTTPConfig) (*HTTPValidator, error) {
 		cache:       newResultCache(orDefault(cfg.MaxCacheEntries, DefaultMaxCacheEntries)),
 	}
 	if v.client == nil {
-		v.client = &http.Client{Timeout: v.timeout}
+		v.client = &http.Client{
+			Timeout: v.timeout,
+			CheckRedirect: func(*http.Request, []*http.Request) error {
+				return http.ErrUseLastResponse
+			},
+		}
 	}
 	if v.logger == nil {
 		v.logger = slog.Default()
@@ -148,13 +155,17 @@ func NewHTTPValidator(cfg HTTPConfig) (*HTTPValidator, error) {
 	return v, nil
 }
 
-// validateEndpoint returns the endpoint URL under baseURL.
-func validateEndpoint(baseURL string) (string, error) {
+// endpointURL checks baseURL and returns the endpoint URL under it.
+func endpointURL(baseURL string) (string, error) {
 	if baseURL == "" {
 		return "", errors.New("auth: HTTPConfig BaseURL is missing, set it to the web app's URL (API_BASE_URL)")
 	}
 	base, err := url.Parse(baseURL)
 	if err != nil {
+		// The *url.Error quotes the whole URL, which may contain a password.
+		if urlErr, ok := errors.AsType[*url.Error](err); ok {
+			err = urlErr.Err
+		}
 		return "", fmt.Errorf("auth: invalid BaseURL: %w", err)
 	}
 	if base.Scheme != "http" && base.Scheme != "https" {
@@ -217,7 +228,7 @@ func (v *HTTPValidator) Stats() HTTPStats {
 }
 
 // fetch waits for a concurrency slot, calls the endpoint and caches a
-// definite answer. ctx is the shared call's context from flightGroup.do.
+// definite result. ctx is the shared call's context from flightGroup.do.
 func (v *HTTPValidator) fetch(ctx context.Context, d digest, key string) (string, error) {
 	// A call for this key may have filled the cache after the caller's
 	// cache miss and before this call started.
@@ -260,16 +271,16 @@ type validateRequest struct {
 	Key string `json:"key"`
 }
 
-// validateAnswer is the endpoint's answer. Valid is nil when the field is
-// missing.
-type validateAnswer struct {
+// validateResponse is the endpoint's response body. Valid is nil when the
+// field is missing.
+type validateResponse struct {
 	Valid  *bool           `json:"valid"`
 	UserID json.RawMessage `json:"userId"`
 }
 
 // post sends one request. valid is false with a nil error only for a clear
-// {"valid": false} answer. Errors wrap ErrUnavailable and never contain the
-// key or the answer body, which might echo the key.
+// {"valid": false} response. Errors wrap ErrUnavailable and never contain
+// the key or the response body, which might echo the key.
 func (v *HTTPValidator) post(ctx context.Context, key string) (userID string, valid bool, err error) {
 	ctx, cancel := context.WithTimeout(ctx, v.timeout)
 	defer cancel()
@@ -292,43 +303,47 @@ func (v *HTTPValidator) post(ctx context.Context, key string) (userID string, va
 	}
 	defer resp.Body.Close()
 
-	data, err := io.ReadAll(io.LimitReader(resp.Body, maxAnswerBytes+1))
+	data, err := io.ReadAll(io.LimitReader(resp.Body, maxResponseBytes+1))
 	if err != nil {
-		return "", false, fmt.Errorf("%w: read answer (HTTP %d): %w", ErrUnavailable, resp.StatusCode, err)
+		return "", false, fmt.Errorf("%w: read response body (HTTP %d): %w", ErrUnavailable, resp.StatusCode, err)
 	}
-	if len(data) > maxAnswerBytes {
-		return "", false, fmt.Errorf("%w: answer (HTTP %d) is larger than %d bytes", ErrUnavailable, resp.StatusCode, maxAnswerBytes)
+	if len(data) > maxResponseBytes {
+		return "", false, fmt.Errorf("%w: response body (HTTP %d) is larger than %d bytes", ErrUnavailable, resp.StatusCode, maxResponseBytes)
 	}
-	return parseAnswer(resp.StatusCode, data)
+	return parseResponse(resp.StatusCode, data)
 }
 
-// parseAnswer interprets the endpoint's status and body. A 2xx status needs
+// parseResponse interprets the endpoint's status and body. A 2xx status needs
 // a "valid" field, and "userId" when it is true. A 4xx status counts as an
 // invalid key only with a {"valid": false} body, because a 4xx without it
 // more likely means a misconfigured URL or proxy than a wrong key.
-func parseAnswer(status int, data []byte) (userID string, valid bool, err error) {
-	var answer validateAnswer
-	decodeErr := json.Unmarshal(data, &answer)
+func parseResponse(status int, data []byte) (userID string, valid bool, err error) {
+	var body validateResponse
+	decodeErr := json.Unmarshal(data, &body)
 
 	switch {
 	case status >= 200 && status < 300:
 		if decodeErr != nil {
-			return "", false, fmt.Errorf("%w: answer (HTTP %d) is not the expected JSON object", ErrUnavailable, status)
+			return "", false, fmt.Errorf("%w: response body (HTTP %d) is not the expected JSON object", ErrUnavailable, status)
 		}
-		if answer.Valid == nil {
-			return "", false, fmt.Errorf("%w: answer (HTTP %d) has no \"valid\" field", ErrUnavailable, status)
+		if body.Valid == nil {
+			return "", false, fmt.Errorf("%w: response (HTTP %d) has no \"valid\" field", ErrUnavailable, status)
 		}
-		if !*answer.Valid {
+		if !*body.Valid {
 			return "", false, nil
 		}
-		userID, ok := parseUserID(answer.UserID)
+		userID, ok := parseUserID(body.UserID)
 		if !ok {
-			return "", false, fmt.Errorf("%w: answer (HTTP %d) has \"valid\": true but no usable \"userId\"", ErrUnavailable, status)
+			return "", false, fmt.Errorf("%w: response (HTTP %d) has \"valid\": true but no usable \"userId\"", ErrUnavailable, status)
 		}
 		return userID, true, nil
 
-	case status >= 400 && status < 500 && decodeErr == nil && answer.Valid != nil && !*answer.Valid:
+	case status >= 400 && status < 500 && decodeErr == nil && body.Valid != nil && !*body.Valid:
 		return "", false, nil
+
+	case status >= 300 && status < 400:
+		return "", false, fmt.Errorf("%w: endpoint returned HTTP %d (redirects are not followed), so set the base URL to the web app's final URL",
+			ErrUnavailable, status)
 
 	default:
 		return "", false, fmt.Errorf("%w: endpoint returned HTTP %d", ErrUnavailable, status)
@@ -349,8 +364,8 @@ func parseUserID(raw json.RawMessage) (string, bool) {
 	return "", false
 }
 
-// logFailure logs a failed call at most once per failureLogInterval, with
-// the number of failures not logged since the previous line.
+// logFailure logs a failed call unless another was logged less than
+// failureLogInterval ago, and counts the failures it skips for the next line.
 func (v *HTTPValidator) logFailure(d digest, err error) {
 	v.failureLogMu.Lock()
 	now := v.now()

@@ -25,7 +25,7 @@ type KeysFile struct {
 	logger *slog.Logger
 
 	// keys is the current set. A reload swaps in a whole new set, so
-	// Validate never sees a partly loaded file.
+	// Validate never reads a partly loaded file.
 	keys atomic.Pointer[KeySet]
 
 	mu sync.Mutex // serializes reloads and guards the fields below
@@ -96,6 +96,11 @@ func (k *KeysFile) reloadLocked() error {
 	}
 
 	previous := k.keys.Swap(set)
+	if set.Len() == 0 {
+		k.logger.Warn("keys file reloaded with no keys, every new agent will be rejected",
+			"previous_keys", previous.Len())
+		return nil
+	}
 	k.logger.Info("keys file reloaded", "keys", set.Len(), "previous_keys", previous.Len())
 	return nil
 }
@@ -104,8 +109,11 @@ func (k *KeysFile) reloadLocked() error {
 // interval and reloads it when any of them changes. It blocks until ctx is
 // done. An interval of zero or less means DefaultWatchInterval.
 //
-// A file that disappears keeps the loaded keys in use, and it is reloaded
-// when it comes back. Replacing the file by rename is detected too.
+// A change is loaded once two checks in a row see the file the same, so up
+// to two intervals after it was made. The wait keeps Watch from loading a
+// file that an editor or a copy is still writing, which could parse as
+// valid with keys missing. A file replaced by rename is detected too. While
+// the file is missing the loaded keys stay in use.
 //
 // NOTE: a rewrite that keeps the same size within the file system's
 // timestamp resolution (one second on some file systems) is missed. Reload
@@ -118,6 +126,7 @@ func (k *KeysFile) Watch(ctx context.Context, interval time.Duration) {
 	defer ticker.Stop()
 
 	statFailing := false
+	var pending os.FileInfo // a change seen at the previous check, not loaded yet
 	for {
 		select {
 		case <-ctx.Done():
@@ -132,6 +141,7 @@ func (k *KeysFile) Watch(ctx context.Context, interval time.Duration) {
 					"error", err, "keys", k.Len())
 			}
 			statFailing = true
+			pending = nil
 			continue
 		}
 		if statFailing {
@@ -140,8 +150,14 @@ func (k *KeysFile) Watch(ctx context.Context, interval time.Duration) {
 		}
 
 		k.mu.Lock()
-		if fileChanged(k.lastRead, info) {
+		switch {
+		case !fileChanged(k.lastRead, info):
+			pending = nil
+		case pending != nil && !fileChanged(pending, info):
+			pending = nil
 			_ = k.reloadLocked() // reloadLocked logs the error
+		default:
+			pending = info
 		}
 		k.mu.Unlock()
 	}

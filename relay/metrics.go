@@ -1,0 +1,150 @@
+package relay
+
+import (
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/relay-project/relay/auth"
+)
+
+type metrics struct {
+	auth               *prometheus.CounterVec
+	disconnects        *prometheus.CounterVec
+	requests           *prometheus.CounterVec
+	latency            *prometheus.HistogramVec
+	lateResponses      *prometheus.CounterVec
+	peerMessages       *prometheus.CounterVec
+	peerSendErrors     prometheus.Counter
+	invalidFrames      prometheus.Counter
+	otherMessages      prometheus.Counter
+	accountEventErrors prometheus.Counter
+	unauthorized       prometheus.Counter
+	draining           prometheus.Gauge
+}
+
+func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
+	m := &metrics{
+		auth: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "relay_agent_auth_total", Help: "Agent authentications by result.",
+		}, []string{"result"}),
+		disconnects: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "relay_agent_disconnects_total", Help: "Agent disconnections by reason.",
+		}, []string{"reason"}),
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "relay_requests_total", Help: "Requests routed to agents by request type, outcome and route (local, remote or none).",
+		}, []string{"type", "outcome", "route"}),
+		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "relay_request_duration_seconds",
+			Help:    "Time from routing a request to its answer or failure, by route.",
+			Buckets: []float64{.0002, .0005, .001, .002, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30},
+		}, []string{"route"}),
+		lateResponses: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "relay_dropped_responses_total", Help: "Agent answers dropped because no caller waits for them (late, repeated, or from the wrong provider).",
+		}, []string{"reason"}),
+		peerMessages: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "relay_peer_messages_total", Help: "Messages between replicas by direction and kind.",
+		}, []string{"direction", "kind"}),
+		peerSendErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "relay_peer_send_errors_total", Help: "Answers that could not be sent back to the requesting replica.",
+		}),
+		invalidFrames: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "relay_agent_invalid_frames_total", Help: "Frames from authenticated agents dropped as invalid.",
+		}),
+		otherMessages: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "relay_agent_ignored_messages_total", Help: "Agent messages of types the relay does not use.",
+		}),
+		accountEventErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "relay_account_event_errors_total", Help: "Account events that could not be stored.",
+		}),
+		unauthorized: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "relay_api_unauthorized_total", Help: "Backend API calls rejected for a missing or wrong bearer token.",
+		}),
+		draining: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "relay_draining", Help: "1 while this replica drains before it stops.",
+		}),
+	}
+	reg.MustRegister(m.auth, m.disconnects, m.requests, m.latency, m.lateResponses, m.peerMessages,
+		m.peerSendErrors, m.invalidFrames, m.otherMessages, m.accountEventErrors, m.unauthorized, m.draining)
+	reg.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "relay_agents_connected", Help: "Agents connected to this replica.",
+		}, func() float64 { return float64(s.agentCount()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "relay_registry_healthy", Help: "1 while registry writes to the store succeed.",
+		}, func() float64 { return boolGauge(s.store.Health().RegistryOK) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "relay_pubsub_healthy", Help: "1 while the store's pub/sub subscription delivers.",
+		}, func() float64 { return boolGauge(s.store.Health().PubSubOK) }),
+	)
+	return m
+}
+
+func boolGauge(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// knownRequestTypes bounds the type label of relay_requests_total: other
+// types are counted as "other".
+var knownRequestTypes = map[string]bool{
+	"ib_status": true, "fetch_chain": true, "get_positions": true, "get_open_orders": true,
+	"place_order": true, "modify_order": true, "cancel_order": true, "check_availability": true,
+	"agent_restart": true,
+}
+
+func requestTypeLabel(t string) string {
+	switch {
+	case knownRequestTypes[t]:
+		return t
+	case strings.HasPrefix(t, "execution_"):
+		return "execution"
+	}
+	return "other"
+}
+
+// authFailure is a failed agent authentication, kept for operators. The key
+// appears only as its fingerprint.
+type authFailure struct {
+	At             time.Time `json:"at"`
+	IP             string    `json:"ip"`
+	KeyFingerprint string    `json:"key_fingerprint"`
+	Reason         string    `json:"reason"`
+}
+
+// authFailureLog keeps the most recent failed authentications.
+type authFailureLog struct {
+	mu      sync.Mutex
+	entries []authFailure
+}
+
+const maxAuthFailures = 50
+
+func (l *authFailureLog) add(f authFailure) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.entries = append(l.entries, f)
+	if len(l.entries) > maxAuthFailures {
+		l.entries = l.entries[len(l.entries)-maxAuthFailures:]
+	}
+}
+
+func (l *authFailureLog) list() []authFailure {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return append([]authFailure(nil), l.entries...)
+}
+
+// recordAuthFailure logs and keeps a failed authentication. Failures from
+// one address beyond the limiter's count are not logged one by one.
+func (s *Server) recordAuthFailure(ip, key, reason string) {
+	fp := auth.Fingerprint(key)
+	s.authFailures.add(authFailure{At: time.Now().UTC(), IP: ip, KeyFingerprint: fp, Reason: reason})
+	if !s.limiter.blocked(ip, time.Now()) {
+		s.log.Warn("agent authentication failed", "ip", ip, "key", fp, "reason", reason)
+	}
+}
