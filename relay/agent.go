@@ -55,7 +55,8 @@ type agentConn struct {
 	lastRead  atomic.Int64 // unix nanoseconds of the last frame read
 	invalid   atomic.Int64 // invalid frames received
 	closeOnce sync.Once
-	reason    closeReason // set once by close
+	closing   atomic.Bool // set by close, after reason
+	reason    closeReason // set once by close or rejectAuth
 
 	mu sync.Mutex
 	// Guarded by mu: the registry record and the requests sent to the agent
@@ -133,17 +134,19 @@ func (a *agentConn) serve() {
 // and registers the provider. On failure it answers and closes the socket.
 func (a *agentConn) authenticate() bool {
 	s := a.s
-	ctx, cancel := context.WithTimeout(a.ctx, s.cfg.AuthTimeout)
-	defer cancel()
-	typ, frame, err := a.conn.Read(ctx)
+	// A read whose context ends closes the socket, so the auth timeout is a
+	// timer that sends the rejection while the read waits.
+	timer := time.AfterFunc(s.cfg.AuthTimeout, func() {
+		s.metrics.auth.WithLabelValues("timeout").Inc()
+		a.rejectAuth("no auth message within "+s.cfg.AuthTimeout.String(), closeAuthTimeout)
+	})
+	typ, frame, err := a.conn.Read(a.ctx)
+	if !timer.Stop() {
+		return false
+	}
 	if err != nil {
-		if ctx.Err() != nil && a.ctx.Err() == nil {
-			s.metrics.auth.WithLabelValues("timeout").Inc()
-			a.rejectAuth("no auth message within "+s.cfg.AuthTimeout.String(), closeAuthTimeout)
-		} else {
-			s.metrics.auth.WithLabelValues("closed").Inc()
-			a.conn.CloseNow()
-		}
+		s.metrics.auth.WithLabelValues("closed").Inc()
+		a.conn.CloseNow()
 		return false
 	}
 	msgType, err := protocol.PeekType(frame)
@@ -245,8 +248,8 @@ func (a *agentConn) readLoop() closeReason {
 
 func (a *agentConn) readFailure(err error) closeReason {
 	switch {
-	case a.ctx.Err() != nil:
-		return a.reason // closed by the relay; close set the reason
+	case a.closing.Load():
+		return a.reason // closed by the relay, which set the reason
 	case websocket.CloseStatus(err) != -1:
 		return closeAgentGone
 	case errors.Is(err, websocket.ErrMessageTooBig):
@@ -422,12 +425,15 @@ func (a *agentConn) pingLoop() {
 func (a *agentConn) close(reason closeReason) {
 	a.closeOnce.Do(func() {
 		a.reason = reason
-		a.cancel()
+		a.closing.Store(true)
+		// The close frame goes out before the context ends, because a read
+		// or write whose context ends drops the socket without one.
 		if reason.text == "" {
 			a.conn.CloseNow()
-			return
+		} else {
+			_ = a.conn.Close(reason.code, reason.text)
 		}
-		_ = a.conn.Close(reason.code, reason.text)
+		a.cancel()
 	})
 }
 
