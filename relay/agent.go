@@ -168,8 +168,8 @@ func (a *agentConn) authenticate() bool {
 	switch {
 	case errors.Is(err, auth.ErrInvalidKey):
 		s.metrics.auth.WithLabelValues("invalid_key").Inc()
-		s.limiter.fail(a.ip, time.Now())
 		s.recordAuthFailure(a.ip, msg.APIKey, "invalid API key")
+		s.limiter.fail(a.ip, time.Now())
 		a.rejectAuth("invalid API key", closeAuthFailed)
 		return false
 	case err != nil:

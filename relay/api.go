@@ -383,3 +383,32 @@ func writeEventWithTime(buf *bytes.Buffer, ev store.AccountEvent) {
 }
 
 func jsonMarshal(v any) ([]byte, error) { return json.Marshal(v) }
+
+// clusterView is the answer of GET /options/relay/cluster: what this replica
+// sees of the cluster, for operators and the status page.
+type clusterView struct {
+	Replica      string              `json:"replica"`
+	Draining     bool                `json:"draining"`
+	Store        store.Health        `json:"store"`
+	Replicas     []store.Replica     `json:"replicas"`
+	Providers    int                 `json:"providers"`
+	AuthFailures []store.AuthFailure `json:"auth_failures"`
+	Time         time.Time           `json:"time"`
+}
+
+func (s *Server) handleCluster(c echo.Context) error {
+	ctx := c.Request().Context()
+	view := clusterView{Replica: s.id, Draining: s.draining.Load(), Store: s.store.Health(), Time: time.Now().UTC()}
+	replicas, err := s.store.Replicas(ctx)
+	if err != nil {
+		replicas = []store.Replica{}
+	}
+	slices.SortFunc(replicas, func(a, b store.Replica) int { return strings.Compare(a.ID, b.ID) })
+	view.Replicas = replicas
+	list, _ := s.providers(ctx)
+	view.Providers = len(list)
+	if view.AuthFailures, err = s.store.AuthFailures(ctx); err != nil || view.AuthFailures == nil {
+		view.AuthFailures = []store.AuthFailure{}
+	}
+	return c.JSON(http.StatusOK, view)
+}

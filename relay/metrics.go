@@ -1,13 +1,14 @@
 package relay
 
 import (
+	"context"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/relay-project/relay/auth"
+	"github.com/relay-project/relay/store"
 )
 
 type metrics struct {
@@ -107,44 +108,18 @@ func requestTypeLabel(t string) string {
 	return "other"
 }
 
-// authFailure is a failed agent authentication, kept for operators. The key
-// appears only as its fingerprint.
-type authFailure struct {
-	At             time.Time `json:"at"`
-	IP             string    `json:"ip"`
-	KeyFingerprint string    `json:"key_fingerprint"`
-	Reason         string    `json:"reason"`
-}
-
-// authFailureLog keeps the most recent failed authentications.
-type authFailureLog struct {
-	mu      sync.Mutex
-	entries []authFailure
-}
-
-const maxAuthFailures = 50
-
-func (l *authFailureLog) add(f authFailure) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.entries = append(l.entries, f)
-	if len(l.entries) > maxAuthFailures {
-		l.entries = l.entries[len(l.entries)-maxAuthFailures:]
-	}
-}
-
-func (l *authFailureLog) list() []authFailure {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return append([]authFailure(nil), l.entries...)
-}
-
-// recordAuthFailure logs and keeps a failed authentication. Failures from
-// one address beyond the limiter's count are not logged one by one.
+// recordAuthFailure logs a failed authentication and keeps it in the store
+// for operators. Failures from an address that the limiter blocks are not
+// logged one by one.
 func (s *Server) recordAuthFailure(ip, key, reason string) {
-	fp := auth.Fingerprint(key)
-	s.authFailures.add(authFailure{At: time.Now().UTC(), IP: ip, KeyFingerprint: fp, Reason: reason})
-	if !s.limiter.blocked(ip, time.Now()) {
-		s.log.Warn("agent authentication failed", "ip", ip, "key", fp, "reason", reason)
+	f := store.AuthFailure{At: time.Now().UTC(), ReplicaID: s.id, IP: ip, KeyFingerprint: auth.Fingerprint(key), Reason: reason}
+	if s.limiter.blocked(ip, f.At) {
+		return
+	}
+	s.log.Warn("agent authentication failed", "ip", ip, "key", f.KeyFingerprint, "reason", reason)
+	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.WriteTimeout)
+	defer cancel()
+	if err := s.store.RecordAuthFailure(ctx, f); err != nil {
+		s.log.Debug("auth failure not stored", "err", err)
 	}
 }

@@ -131,8 +131,6 @@ type Server struct {
 	echo    *echo.Echo
 	limiter *failureLimiter
 
-	authFailures authFailureLog
-
 	// ctx is the parent of every agent connection's context; cancel ends them all.
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -209,6 +207,7 @@ func (s *Server) routes() *echo.Echo {
 	api.GET("/options/relay/ib-status", s.handleIBStatus)
 	api.POST("/options/relay/request", s.handleRequest)
 	api.GET("/options/relay/account-events", s.handleAccountEvents)
+	api.GET("/options/relay/cluster", s.handleCluster)
 	return e
 }
 

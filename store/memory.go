@@ -19,9 +19,10 @@ const DefaultMaxAccountEvents = 500
 type MemoryHub struct {
 	maxEvents int
 
-	mu     sync.Mutex
-	nodes  map[string]*Memory
-	events map[string][]AccountEvent // by user id, oldest first
+	mu           sync.Mutex
+	nodes        map[string]*Memory
+	events       map[string][]AccountEvent // by user id, oldest first
+	authFailures []AuthFailure             // newest first
 }
 
 // NewMemoryHub returns an empty hub that keeps up to maxEvents account events
@@ -173,6 +174,24 @@ func (m *Memory) AccountEvents(_ context.Context, userID string, since float64) 
 		}
 	}
 	return out, nil
+}
+
+// RecordAuthFailure keeps a failed authentication in the hub.
+func (m *Memory) RecordAuthFailure(_ context.Context, f AuthFailure) error {
+	m.hub.mu.Lock()
+	defer m.hub.mu.Unlock()
+	m.hub.authFailures = slices.Insert(m.hub.authFailures, 0, f)
+	if len(m.hub.authFailures) > MaxAuthFailures {
+		m.hub.authFailures = m.hub.authFailures[:MaxAuthFailures]
+	}
+	return nil
+}
+
+// AuthFailures returns the hub's recent authentication failures, newest first.
+func (m *Memory) AuthFailures(context.Context) ([]AuthFailure, error) {
+	m.hub.mu.Lock()
+	defer m.hub.mu.Unlock()
+	return slices.Clone(m.hub.authFailures), nil
 }
 
 // SetPending records how many requests this replica has in flight.

@@ -632,6 +632,43 @@ func (s *Redis) AccountEvents(ctx context.Context, userID string, since float64)
 	return out, nil
 }
 
+// authFailuresKey is a list of recent authentication failures, newest first.
+func (s *Redis) authFailuresKey() string { return s.cfg.Prefix + ":auth_failures" }
+
+// RecordAuthFailure pushes a failure onto the shared list and trims it.
+func (s *Redis) RecordAuthFailure(ctx context.Context, f AuthFailure) error {
+	data, err := json.Marshal(f)
+	if err != nil {
+		return fmt.Errorf("store: encode auth failure: %w", err)
+	}
+	pipe := s.client.Pipeline()
+	pipe.LPush(ctx, s.authFailuresKey(), data)
+	pipe.LTrim(ctx, s.authFailuresKey(), 0, MaxAuthFailures-1)
+	pipe.PExpire(ctx, s.authFailuresKey(), s.cfg.AccountEventTTL)
+	if _, err := pipe.Exec(ctx); err != nil {
+		s.metrics.inc(&s.metrics.RedisErrors)
+		return fmt.Errorf("%w: record auth failure: %v", ErrUnavailable, err)
+	}
+	return nil
+}
+
+// AuthFailures returns the recent authentication failures of every replica, newest first.
+func (s *Redis) AuthFailures(ctx context.Context) ([]AuthFailure, error) {
+	items, err := s.client.LRange(ctx, s.authFailuresKey(), 0, -1).Result()
+	if err != nil {
+		s.metrics.inc(&s.metrics.RedisErrors)
+		return nil, fmt.Errorf("%w: read auth failures: %v", ErrUnavailable, err)
+	}
+	out := make([]AuthFailure, 0, len(items))
+	for _, item := range items {
+		var f AuthFailure
+		if json.Unmarshal([]byte(item), &f) == nil {
+			out = append(out, f)
+		}
+	}
+	return out, nil
+}
+
 // SetPending records how many requests this replica has in flight.
 func (s *Redis) SetPending(n int) { s.pending.Store(int64(n)) }
 

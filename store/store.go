@@ -68,6 +68,19 @@ type AccountEvent struct {
 	ReceivedAt float64
 }
 
+// AuthFailure is a failed agent authentication, kept for operators. The key
+// appears only as its fingerprint.
+type AuthFailure struct {
+	At             time.Time `json:"at"`
+	ReplicaID      string    `json:"replica_id"`
+	IP             string    `json:"ip"`
+	KeyFingerprint string    `json:"key_fingerprint"`
+	Reason         string    `json:"reason"`
+}
+
+// MaxAuthFailures is how many recent authentication failures a store keeps.
+const MaxAuthFailures = 50
+
 // Health is the state of a store's connection to the shared state.
 type Health struct {
 	Backend string `json:"backend"` // "memory" or "redis"
@@ -126,6 +139,13 @@ type Store interface {
 	AppendAccountEvent(ctx context.Context, userID string, ev AccountEvent) error
 	// AccountEvents returns a user's events newer than since, oldest first.
 	AccountEvents(ctx context.Context, userID string, since float64) ([]AccountEvent, error)
+
+	// RecordAuthFailure keeps a failed authentication, dropping the oldest
+	// beyond MaxAuthFailures.
+	RecordAuthFailure(ctx context.Context, f AuthFailure) error
+	// AuthFailures returns the recent authentication failures of every
+	// replica, newest first.
+	AuthFailures(ctx context.Context) ([]AuthFailure, error)
 
 	// SetPending records how many requests this replica has in flight, for
 	// the cluster-wide pending_requests count.
