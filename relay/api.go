@@ -22,9 +22,10 @@ import (
 
 // apiError is an error answer of the backend API: {"error": code, "message": text}.
 type apiError struct {
-	status  int
-	code    string
-	message string
+	status    int
+	code      string
+	message   string
+	requestID string // the routed request's id, when one was sent
 }
 
 func (e *apiError) Error() string { return e.code + ": " + e.message }
@@ -52,7 +53,12 @@ func (s *Server) handleHTTPError(err error, c echo.Context) {
 		s.log.Error("backend API handler failed", "path", c.Path(), "err", err)
 		ae = &apiError{status: http.StatusInternalServerError, code: "internal_error", message: "The relay failed to handle the request."}
 	}
-	_ = c.JSON(ae.status, map[string]string{"error": ae.code, "message": ae.message})
+	body := map[string]string{"error": ae.code, "message": ae.message}
+	if ae.requestID != "" {
+		body["request_id"] = ae.requestID
+		c.Response().Header().Set(echo.HeaderXRequestID, ae.requestID)
+	}
+	_ = c.JSON(ae.status, body)
 }
 
 func httpErrorCode(status int) string {
@@ -242,12 +248,28 @@ func (s *Server) handleRequest(c echo.Context) error {
 		return s.noProvider(userID, body)
 	}
 
-	res := s.roundTrip(ctx, p, body.RequestType, payload, timeout)
-	if res.Failure != "" {
-		s.log.Warn("request failed", "request_type", body.RequestType, "user", userID, "provider", p.ID, "instance", p.InstanceID, "error", res.Failure, "message", res.Message)
-		return failureError(res)
+	id, res := s.roundTrip(ctx, p, body.RequestType, payload, timeout)
+	if res.Stale && body.ProviderID == "" {
+		// The registry was out of date: choose again without that provider, once.
+		if p, ok = s.reselectProvider(ctx, p, userID, body); ok {
+			s.log.Info("retrying a request after a stale registry entry", "request_id", id, "provider", p.ID)
+			id, res = s.roundTrip(ctx, p, body.RequestType, payload, timeout)
+		}
 	}
-	return writeAnswer(c, p, res)
+	if res.Failure != "" {
+		err := failureError(res).(*apiError)
+		err.requestID = id
+		return err
+	}
+	return writeAnswer(c, id, p, res)
+}
+
+// reselectProvider chooses a provider again from a fresh listing, leaving out
+// the one whose registry entry proved stale.
+func (s *Server) reselectProvider(ctx context.Context, stale store.Provider, userID string, body requestBody) (store.Provider, bool) {
+	list, _ := s.providers(ctx)
+	list = slices.DeleteFunc(list, func(p store.Provider) bool { return p.ID == stale.ID })
+	return s.selectProvider(list, userID, body)
 }
 
 // selectProvider applies provider_id when given, and the routing preference otherwise.
@@ -310,14 +332,15 @@ func parseTimeout(ms *float64, def, maxTimeout time.Duration) (time.Duration, er
 // answerHead is the answer of POST /options/relay/request without its data,
 // which is spliced in as raw JSON so that large answers are not re-encoded.
 type answerHead struct {
+	RequestID  string  `json:"request_id"`
 	ProviderID string  `json:"provider_id"`
 	InstanceID string  `json:"instance_id"`
 	Success    bool    `json:"success"`
 	Error      *string `json:"error"`
 }
 
-func writeAnswer(c echo.Context, p store.Provider, res callResult) error {
-	head, err := json.Marshal(answerHead{ProviderID: p.ID, InstanceID: p.InstanceID, Success: res.Success, Error: res.Error})
+func writeAnswer(c echo.Context, requestID string, p store.Provider, res callResult) error {
+	head, err := json.Marshal(answerHead{RequestID: requestID, ProviderID: p.ID, InstanceID: p.InstanceID, Success: res.Success, Error: res.Error})
 	if err != nil {
 		return err
 	}
@@ -327,6 +350,7 @@ func writeAnswer(c echo.Context, p store.Provider, res callResult) error {
 	}
 	w := c.Response()
 	w.Header().Set(echo.HeaderContentType, echo.MIMEApplicationJSON)
+	w.Header().Set(echo.HeaderXRequestID, requestID)
 	w.Header().Set(echo.HeaderContentLength, strconv.Itoa(len(`{"data":`)+len(data)+1+len(head)-1))
 	w.WriteHeader(http.StatusOK)
 	w.Write([]byte(`{"data":`))

@@ -308,3 +308,35 @@ func TestAccountEventsFromEveryReplica(t *testing.T) {
 		})
 	}
 }
+
+// TestStaleRegistryEntry makes the registry name a replica that no longer
+// holds the agent's socket: the caller gets a definite answer at once, and a
+// request by user retries on the user's other agent.
+func TestStaleRegistryEntry(t *testing.T) {
+	for _, backend := range backends {
+		t.Run(backend, func(t *testing.T) {
+			rs := newCluster(t, backend, 2, nil)
+			ghost := startAgent(t, agentsim.Config{URL: rs[0].ws, APIKey: "key-alice", Version: "2.0.0"}, rs...)
+
+			// Forget the socket on r0 while its registry entry stays.
+			rs[0].srv.mu.Lock()
+			delete(rs[0].srv.agents, ghost.ProviderID())
+			rs[0].srv.mu.Unlock()
+
+			start := time.Now()
+			status, ans := rs[1].request(t, map[string]any{"user_id": "alice", "provider_id": ghost.ProviderID(), "request_type": "echo", "timeout_ms": 5000})
+			if status != http.StatusBadGateway || ans.ErrorCode != "provider_disconnected" {
+				t.Errorf("stale provider: status %d %q, want 502 provider_disconnected", status, ans.ErrorCode)
+			}
+			if waited := time.Since(start); waited > time.Second {
+				t.Errorf("stale provider answered after %v, want at once", waited)
+			}
+
+			other := startAgent(t, agentsim.Config{URL: rs[1].ws, APIKey: "key-alice2", Version: "1.0.0"}, rs...)
+			status, ans = rs[1].request(t, map[string]any{"user_id": "alice", "request_type": "echo", "timeout_ms": 5000})
+			if status != http.StatusOK || ans.ProviderID != other.ProviderID() {
+				t.Errorf("request by user after a stale entry: status %d via %q, want 200 via %s", status, ans.ProviderID, other.ProviderID())
+			}
+		})
+	}
+}

@@ -34,10 +34,19 @@ type callResult struct {
 	Error   *string
 	Failure string // empty when the agent answered
 	Message string // why the request failed, for people
+	// Stale is set when the registry named a replica that no longer holds
+	// the agent, so the request never reached it and may be retried.
+	Stale bool
 }
 
 func failure(code, message string) callResult {
 	return callResult{Failure: code, Message: message}
+}
+
+// staleFailure is the failure of a request that never reached the agent
+// because the registry entry it followed is out of date.
+func staleFailure(message string) callResult {
+	return callResult{Failure: codeProviderDisconnected, Message: message, Stale: true}
 }
 
 // call is a request started on this replica, waiting for its answer.
@@ -61,6 +70,7 @@ type peerMessage struct {
 	Err      *string `json:"err,omitempty"`
 	Code     string  `json:"code,omitempty"`
 	Message  string  `json:"msg,omitempty"`
+	Stale    bool    `json:"stale,omitempty"`
 }
 
 func encodePeerMessage(h peerMessage, body []byte) []byte {
@@ -89,13 +99,16 @@ func (s *Server) nextRequestID() string {
 
 // roundTrip sends one request to provider p, on this replica or through the
 // bus to the replica that holds it, and waits up to timeout for the answer.
-func (s *Server) roundTrip(ctx context.Context, p store.Provider, requestType string, payload []byte, timeout time.Duration) callResult {
+// The first result is the request id, unique in the cluster, which the
+// agent sees and the logs of every replica involved name.
+func (s *Server) roundTrip(ctx context.Context, p store.Provider, requestType string, payload []byte, timeout time.Duration) (string, callResult) {
 	start := time.Now()
+	id := s.nextRequestID()
 	route := "local"
 	if p.InstanceID != s.id {
 		route = "remote"
 	}
-	res := s.roundTripOnce(ctx, p, requestType, payload, timeout)
+	res := s.roundTripOnce(ctx, id, p, requestType, payload, timeout)
 	outcome := "ok"
 	switch {
 	case res.Failure != "":
@@ -105,11 +118,14 @@ func (s *Server) roundTrip(ctx context.Context, p store.Provider, requestType st
 	}
 	s.metrics.requests.WithLabelValues(requestTypeLabel(requestType), outcome, route).Inc()
 	s.metrics.latency.WithLabelValues(route).Observe(time.Since(start).Seconds())
-	return res
+	if res.Failure != "" {
+		s.log.Warn("request failed", "request_id", id, "request_type", requestType, "user", p.UserID, "provider", p.ID,
+			"instance", p.InstanceID, "error", res.Failure, "message", res.Message)
+	}
+	return id, res
 }
 
-func (s *Server) roundTripOnce(ctx context.Context, p store.Provider, requestType string, payload []byte, timeout time.Duration) callResult {
-	id := s.nextRequestID()
+func (s *Server) roundTripOnce(ctx context.Context, id string, p store.Provider, requestType string, payload []byte, timeout time.Duration) callResult {
 	deadline := time.Now().Add(timeout)
 	c := &call{providerID: p.ID, replica: p.InstanceID, result: make(chan callResult, 1)}
 	s.mu.Lock()
@@ -125,7 +141,10 @@ func (s *Server) roundTripOnce(ctx context.Context, p store.Provider, requestTyp
 
 	if p.InstanceID == s.id {
 		a := s.agent(p.ID)
-		if a == nil || !a.request(id, requestType, payload, "", deadline) {
+		if a == nil {
+			return staleFailure("The agent is no longer connected.")
+		}
+		if !a.request(id, requestType, payload, "", deadline) {
 			return failure(codeProviderDisconnected, "The agent is no longer connected.")
 		}
 	} else {
@@ -133,7 +152,7 @@ func (s *Server) roundTripOnce(ctx context.Context, p store.Provider, requestTyp
 		err := s.store.Send(ctx, p.InstanceID, msg)
 		switch {
 		case errors.Is(err, store.ErrReplicaGone):
-			return failure(codeProviderDisconnected, fmt.Sprintf("Replica %s, which held the agent, is gone.", p.InstanceID))
+			return staleFailure(fmt.Sprintf("Replica %s, which held the agent, is gone.", p.InstanceID))
 		case err != nil:
 			return failure(codeRegistryUnavailable, "The request could not be routed to the agent's replica: Redis is unavailable.")
 		}
@@ -186,7 +205,7 @@ func (s *Server) sendResult(replica, id, providerID string, res callResult) {
 	h := peerMessage{V: peerVersion, ID: id, Provider: providerID}
 	var body []byte
 	if res.Failure != "" {
-		h.Kind, h.Code, h.Message = "fail", res.Failure, res.Message
+		h.Kind, h.Code, h.Message, h.Stale = "fail", res.Failure, res.Message, res.Stale
 	} else {
 		h.Kind, h.OK, h.Err = "resp", res.Success, res.Error
 		body = res.Data
@@ -214,15 +233,18 @@ func (s *Server) HandleMessage(msg []byte) {
 	switch h.Kind {
 	case "req":
 		a := s.agent(h.Provider)
-		deadline := time.UnixMilli(h.Deadline)
-		if a == nil || !a.request(h.ID, h.Type, body, h.From, deadline) {
+		if a == nil {
+			go s.sendResult(h.From, h.ID, h.Provider, staleFailure(fmt.Sprintf("The agent is no longer connected to replica %s.", s.id)))
+			return
+		}
+		if !a.request(h.ID, h.Type, body, h.From, time.UnixMilli(h.Deadline)) {
 			go s.sendResult(h.From, h.ID, h.Provider, failure(codeProviderDisconnected,
-				fmt.Sprintf("The agent is no longer connected to replica %s.", s.id)))
+				fmt.Sprintf("The agent on replica %s was disconnected before it took the request.", s.id)))
 		}
 	case "resp":
 		s.deliver(h.ID, h.Provider, callResult{Success: h.OK, Data: body, Error: h.Err})
 	case "fail":
-		s.deliver(h.ID, h.Provider, failure(h.Code, h.Message))
+		s.deliver(h.ID, h.Provider, callResult{Failure: h.Code, Message: h.Message, Stale: h.Stale})
 	default:
 		s.log.Debug("message from another replica dropped: unknown kind", "kind", h.Kind)
 	}

@@ -200,6 +200,7 @@ func (s *Server) routes() *echo.Echo {
 	e.GET("/readyz", s.handleReadyz)
 	e.GET("/metrics", echo.WrapHandler(promhttp.HandlerFor(s.cfg.Metrics, promhttp.HandlerOpts{})))
 	e.GET("/ws/data-provider", s.handleAgent)
+	s.registerUI(e)
 
 	api := e.Group("", s.requireToken, s.limitBody)
 	api.GET("/ws/provider-status", s.handleRegistry)

@@ -129,7 +129,7 @@ func (s *Server) liveStatuses(ctx context.Context, checked []store.Provider, tim
 
 func (s *Server) liveStatus(ctx context.Context, p store.Provider, timeout time.Duration) providerStatus {
 	st := providerStatus{ProviderID: p.ID, UserID: p.UserID, InstanceID: p.InstanceID, Source: "agent"}
-	res := s.roundTrip(ctx, p, "ib_status", nil, timeout)
+	_, res := s.roundTrip(ctx, p, "ib_status", nil, timeout)
 	var data agentStatusData
 	switch {
 	case res.Failure != "":

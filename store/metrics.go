@@ -9,6 +9,7 @@ type Metrics struct {
 	Rewrites      atomic.Int64 // full rewrites of this replica's hash
 	UnknownEvents atomic.Int64 // registry events or records that could not be read
 	PubSubStalls  atomic.Int64 // times pub/sub stopped delivering
+	Resubscribes  atomic.Int64 // subscriptions replaced after a stall
 }
 
 func (m *Metrics) inc(c *atomic.Int64) { c.Add(1) }

@@ -87,10 +87,12 @@ type Redis struct {
 	startedAt time.Time
 	ops       chan writeOp
 	reload    chan string // replica id to reload, "" for all
-	stop      chan struct{}
-	done      sync.WaitGroup
-	closeOnce sync.Once
-	pending   atomic.Int64
+	// resubscribeCh asks the receive loop to replace the subscription.
+	resubscribeCh chan struct{}
+	stop          chan struct{}
+	done          sync.WaitGroup
+	closeOnce     sync.Once
+	pending       atomic.Int64
 
 	mu sync.Mutex
 	// Guarded by mu: this replica's providers and the updates not yet flushed.
@@ -103,9 +105,10 @@ type Redis struct {
 	handler Handler
 	health  Health
 	// Guarded by mu: when this replica last received its own beat back.
-	ownBeatSeen time.Time
-	lastBeatOK  time.Time
-	closed      bool
+	ownBeatSeen     time.Time
+	lastBeatOK      time.Time
+	lastResubscribe time.Time
+	closed          bool
 }
 
 type peerView struct {
@@ -187,6 +190,7 @@ func NewRedis(cfg RedisConfig) (*Redis, error) {
 		startedAt:     time.Now().UTC(),
 		ops:           make(chan writeOp, 1024),
 		reload:        make(chan string, 64),
+		resubscribeCh: make(chan struct{}, 1),
 		stop:          make(chan struct{}),
 		local:         make(map[string]Provider),
 		dirty:         make(map[string]struct{}),

@@ -17,31 +17,69 @@ import (
 
 // receiveLoop reads the subscription. It never blocks on the handler, which
 // must not block either, so go-redis never drops a message for a slow reader.
+// When checkPubSub finds the subscription silent, it is replaced by a new one.
 func (s *Redis) receiveLoop(pubsub *redis.PubSub) {
 	defer s.done.Done()
-	defer pubsub.Close()
 	for {
-		ch := pubsub.ChannelWithSubscriptions(redis.WithChannelSize(4096))
-		for {
-			select {
-			case <-s.stop:
-				return
-			case m, ok := <-ch:
-				if !ok {
-					return
-				}
-				switch m := m.(type) {
-				case *redis.Subscription:
-					// go-redis resubscribed after a reconnect: events sent in
-					// between are lost, so reload the whole view.
-					if m.Kind == "subscribe" && m.Channel == s.eventsChannel {
-						s.log.Info("pub/sub subscribed", "channel", m.Channel)
-						s.requestReload("")
-					}
-				case *redis.Message:
-					s.dispatch(m)
-				}
+		replace := s.consume(pubsub.ChannelWithSubscriptions(redis.WithChannelSize(4096)))
+		_ = pubsub.Close()
+		if !replace {
+			return
+		}
+		if pubsub = s.resubscribe(); pubsub == nil {
+			return
+		}
+	}
+}
+
+// consume dispatches messages until the store stops (false) or the
+// subscription must be replaced (true).
+func (s *Redis) consume(ch <-chan any) bool {
+	for {
+		select {
+		case <-s.stop:
+			return false
+		case <-s.resubscribeCh:
+			return true
+		case m, ok := <-ch:
+			if !ok {
+				return true
 			}
+			switch m := m.(type) {
+			case *redis.Subscription:
+				// go-redis resubscribed after a reconnect: events sent in
+				// between are lost, so reload the whole view.
+				if m.Kind == "subscribe" && m.Channel == s.eventsChannel {
+					s.log.Info("pub/sub subscribed", "channel", m.Channel)
+					s.requestReload("")
+				}
+			case *redis.Message:
+				s.dispatch(m)
+			}
+		}
+	}
+}
+
+// resubscribe opens a new subscription, retrying every beat interval until
+// it succeeds or the store stops (nil).
+func (s *Redis) resubscribe() *redis.PubSub {
+	for {
+		ctx, cancel := s.opContext()
+		pubsub := s.client.Subscribe(ctx, s.inboxChannel, s.eventsChannel)
+		_, err := pubsub.Receive(ctx)
+		cancel()
+		if err == nil {
+			s.metrics.inc(&s.metrics.Resubscribes)
+			s.log.Info("pub/sub subscription replaced")
+			s.requestReload("")
+			return pubsub
+		}
+		_ = pubsub.Close()
+		s.log.Warn("pub/sub resubscribe failed", "err", err)
+		select {
+		case <-s.stop:
+			return nil
+		case <-time.After(s.cfg.BeatInterval):
 		}
 	}
 }
@@ -281,24 +319,38 @@ func (s *Redis) checkPeers() {
 
 // checkPubSub marks pub/sub broken when this replica's own beats, published
 // successfully, have not come back through its subscription for two beat
-// intervals.
+// intervals, and asks the receive loop to replace the subscription, again
+// every three intervals while the silence lasts.
 func (s *Redis) checkPubSub() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.lastBeatOK.IsZero() {
 		return
 	}
+	now := time.Now()
 	silent := s.lastBeatOK.Sub(s.ownBeatSeen) > 2*s.cfg.BeatInterval
-	if silent && s.health.PubSubOK {
+	switch {
+	case silent && s.health.PubSubOK:
 		s.health.PubSubOK = false
-		s.health.Since = time.Now().UTC()
+		s.health.Since = now.UTC()
 		s.metrics.inc(&s.metrics.PubSubStalls)
-		s.log.Warn("pub/sub stopped delivering this replica's own beats")
-	} else if !silent && !s.health.PubSubOK {
+		s.log.Warn("pub/sub stopped delivering this replica's own beats; resubscribing")
+		s.requestResubscribeLocked(now)
+	case silent && now.Sub(s.lastResubscribe) > 3*s.cfg.BeatInterval:
+		s.requestResubscribeLocked(now)
+	case !silent && !s.health.PubSubOK:
 		s.health.PubSubOK = true
-		s.health.Since = time.Now().UTC()
+		s.health.Since = now.UTC()
 		s.log.Info("pub/sub delivering again")
 		s.requestReloadLocked("")
+	}
+}
+
+func (s *Redis) requestResubscribeLocked(now time.Time) {
+	s.lastResubscribe = now
+	select {
+	case s.resubscribeCh <- struct{}{}:
+	default:
 	}
 }
 
