@@ -3,8 +3,10 @@ package relay
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -338,5 +340,30 @@ func TestStaleRegistryEntry(t *testing.T) {
 				t.Errorf("request by user after a stale entry: status %d via %q, want 200 via %s", status, ans.ProviderID, other.ProviderID())
 			}
 		})
+	}
+}
+
+func TestMetricsCountRoutedRequests(t *testing.T) {
+	rs := newCluster(t, "redis", 2, nil)
+	startAgent(t, agentsim.Config{URL: rs[0].ws, APIKey: "key-alice", TWSConnected: true}, rs...)
+	rs[1].request(t, map[string]any{"user_id": "alice", "request_type": "get_positions"})
+	rs[0].request(t, map[string]any{"user_id": "alice", "request_type": "get_positions"})
+
+	resp, err := http.Get(rs[1].base + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	for _, want := range []string{
+		`relay_requests_total{outcome="ok",route="remote",type="get_positions"} 1`,
+		`relay_registry_providers 1`,
+		`relay_agents_connected 0`,
+		`relay_peer_messages_total{direction="in",kind="resp"} 1`,
+		`relay_draining 0`,
+	} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("replica 1 metrics lack %q", want)
+		}
 	}
 }

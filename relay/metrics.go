@@ -74,12 +74,36 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 			Name: "relay_agents_connected", Help: "Agents connected to this replica.",
 		}, func() float64 { return float64(s.agentCount()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "relay_registry_providers", Help: "Providers in this replica's view of the cluster registry.",
+		}, func() float64 {
+			list, err := s.store.Providers(context.Background())
+			if err != nil {
+				return 0
+			}
+			return float64(len(list))
+		}),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "relay_registry_healthy", Help: "1 while registry writes to the store succeed.",
 		}, func() float64 { return boolGauge(s.store.Health().RegistryOK) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "relay_pubsub_healthy", Help: "1 while the store's pub/sub subscription delivers.",
 		}, func() float64 { return boolGauge(s.store.Health().PubSubOK) }),
 	)
+	if sm := s.cfg.StoreMetrics; sm != nil {
+		for name, c := range map[string]struct {
+			help  string
+			value func() int64
+		}{
+			"relay_redis_errors_total":            {"Failed Redis calls.", sm.RedisErrors.Load},
+			"relay_registry_reloads_total":        {"Reloads of the registry view from Redis.", sm.Reloads.Load},
+			"relay_registry_rewrites_total":       {"Full rewrites of this replica's registry hash, after Redis lost it or a write failed.", sm.Rewrites.Load},
+			"relay_registry_unknown_events_total": {"Registry events or records from other replicas that could not be read (another version or corrupt).", sm.UnknownEvents.Load},
+			"relay_pubsub_stalls_total":           {"Times the pub/sub subscription stopped delivering.", sm.PubSubStalls.Load},
+			"relay_pubsub_resubscribes_total":     {"Pub/sub subscriptions replaced after a stall.", sm.Resubscribes.Load},
+		} {
+			reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: c.help}, func() float64 { return float64(c.value()) }))
+		}
+	}
 	return m
 }
 

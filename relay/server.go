@@ -36,6 +36,8 @@ type Config struct {
 	// Metrics registers the server's metrics. Nil means a new registry,
 	// served on /metrics.
 	Metrics *prometheus.Registry
+	// StoreMetrics, when set, are the store's counters to export.
+	StoreMetrics *store.Metrics
 	// TrustProxyHeaders makes the server take the client address from
 	// X-Forwarded-For, for deployments behind a load balancer that sets it.
 	TrustProxyHeaders bool

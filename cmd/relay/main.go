@@ -87,7 +87,8 @@ func run(cfg config, logger *slog.Logger) error {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
-	st, err := newStore(cfg, replicaID, logger)
+	storeMetrics := new(store.Metrics)
+	st, err := newStore(cfg, replicaID, storeMetrics, logger)
 	if err != nil {
 		return err
 	}
@@ -97,7 +98,7 @@ func run(cfg config, logger *slog.Logger) error {
 	}
 
 	srv, err := relay.New(relay.Config{
-		Store: st, Auth: validator, APIToken: cfg.APIToken, Logger: logger, Metrics: reg,
+		Store: st, Auth: validator, APIToken: cfg.APIToken, Logger: logger, Metrics: reg, StoreMetrics: storeMetrics,
 		TrustProxyHeaders: cfg.TrustProxyHeaders,
 		AuthTimeout:       cfg.AuthTimeout, ValidateTimeout: cfg.ValidateTimeout,
 		MaxMessageBytes: int64(cfg.MaxMessageBytes), WriteTimeout: cfg.WriteTimeout, SendQueue: cfg.SendQueue,
@@ -145,9 +146,9 @@ func run(cfg config, logger *slog.Logger) error {
 	return drainErr
 }
 
-func newStore(cfg config, replicaID string, logger *slog.Logger) (store.Store, error) {
+func newStore(cfg config, replicaID string, metrics *store.Metrics, logger *slog.Logger) (store.Store, error) {
 	if cfg.RedisURL == "" {
-		return store.NewMemory(replicaID), nil
+		return store.NewMemoryHub(cfg.MaxAccountEvents).Node(replicaID), nil
 	}
 	opts, err := redis.ParseURL(cfg.RedisURL)
 	if err != nil {
@@ -169,6 +170,7 @@ func newStore(cfg config, replicaID string, logger *slog.Logger) (store.Store, e
 		OpTimeout:        cfg.RedisTimeout,
 		MaxAccountEvents: cfg.MaxAccountEvents,
 		Logger:           logger,
+		Metrics:          metrics,
 	})
 }
 
