@@ -121,17 +121,25 @@ func (s *Server) handleReadyz(c echo.Context) error {
 	})
 }
 
-// providers returns the cluster-wide provider list. When the registry is
-// unavailable it returns this replica's own providers and complete false.
-func (s *Server) providers(ctx context.Context) (list []store.Provider, complete bool) {
-	list, err := s.store.Providers(ctx)
+// providers returns the cluster-wide providers of userID, or of every user
+// when userID is empty. When the registry is unavailable it returns this
+// replica's own providers and complete false.
+func (s *Server) providers(ctx context.Context, userID string) (list []store.Provider, complete bool) {
+	var err error
+	if userID == "" {
+		list, err = s.store.Providers(ctx)
+	} else {
+		list, err = s.store.UserProviders(ctx, userID)
+	}
 	if err == nil {
 		return list, true
 	}
 	s.mu.Lock()
 	agents := make([]*agentConn, 0, len(s.agents))
 	for _, a := range s.agents {
-		agents = append(agents, a)
+		if userID == "" || a.userID == userID {
+			agents = append(agents, a)
+		}
 	}
 	s.mu.Unlock()
 	list = make([]store.Provider, 0, len(agents))
@@ -153,7 +161,7 @@ type registryListing struct {
 
 func (s *Server) handleRegistry(c echo.Context) error {
 	ctx := c.Request().Context()
-	list, complete := s.providers(ctx)
+	list, complete := s.providers(ctx, "")
 	if !complete {
 		return errRegistryUnavailable
 	}
@@ -239,7 +247,7 @@ func (s *Server) handleRequest(c echo.Context) error {
 	}
 
 	ctx := c.Request().Context()
-	list, complete := s.providers(ctx)
+	list, complete := s.candidates(ctx, userID, body)
 	p, ok := s.selectProvider(list, userID, body)
 	if !ok {
 		if !complete {
@@ -267,9 +275,21 @@ func (s *Server) handleRequest(c echo.Context) error {
 // reselectProvider chooses a provider again from a fresh listing, leaving out
 // the one whose registry entry proved stale.
 func (s *Server) reselectProvider(ctx context.Context, stale store.Provider, userID string, body requestBody) (store.Provider, bool) {
-	list, _ := s.providers(ctx)
+	list, _ := s.candidates(ctx, userID, body)
 	list = slices.DeleteFunc(list, func(p store.Provider) bool { return p.ID == stale.ID })
 	return s.selectProvider(list, userID, body)
+}
+
+// candidates returns the providers a request may go to: the user's own, or
+// every provider when provider_id is set or fallback may be needed.
+func (s *Server) candidates(ctx context.Context, userID string, body requestBody) ([]store.Provider, bool) {
+	if userID != "" && body.ProviderID == "" {
+		own, complete := s.providers(ctx, userID)
+		if len(own) > 0 || !body.AllowFallback || isAccountRequest(body.RequestType) {
+			return own, complete
+		}
+	}
+	return s.providers(ctx, "")
 }
 
 // selectProvider applies provider_id when given, and the routing preference otherwise.
@@ -429,7 +449,7 @@ func (s *Server) handleCluster(c echo.Context) error {
 	}
 	slices.SortFunc(replicas, func(a, b store.Replica) int { return strings.Compare(a.ID, b.ID) })
 	view.Replicas = replicas
-	list, _ := s.providers(ctx)
+	list, _ := s.providers(ctx, "")
 	view.Providers = len(list)
 	if view.AuthFailures, err = s.store.AuthFailures(ctx); err != nil || view.AuthFailures == nil {
 		view.AuthFailures = []store.AuthFailure{}

@@ -122,7 +122,7 @@ func newCluster(t *testing.T, backend string, n int, tweak func(*Config)) []*rep
 				t.Fatal(err)
 			}
 		}
-		cfg := Config{Store: st, Auth: keys, Logger: testLogger(t).With("replica", id)}
+		cfg := Config{Store: st, Auth: keys, Logger: testLogger(t)}
 		if tweak != nil {
 			tweak(&cfg)
 		}
@@ -176,9 +176,11 @@ func startAgent(t *testing.T, cfg agentsim.Config, replicas ...*replica) *agents
 	if err := a.WaitConnected(wctx); err != nil {
 		t.Fatalf("agent with key %s did not connect: %v", cfg.APIKey, err)
 	}
+	// The agent reports boot_complete right after auth: wait until every
+	// replica has seen it, so tests start from a booted agent.
 	for _, r := range replicas {
-		eventually(t, 3*time.Second, func() bool { return r.hasProvider(t, a.ProviderID()) },
-			"provider %s never appeared in the registry of %s", a.ProviderID(), r.srv.ReplicaID())
+		eventually(t, 3*time.Second, func() bool { return r.hasBootedProvider(t, a.ProviderID()) },
+			"booted provider %s never appeared in the registry of %s", a.ProviderID(), r.srv.ReplicaID())
 	}
 	return a
 }
@@ -203,6 +205,15 @@ func (r *replica) registry(t testing.TB) registryListing {
 		t.Fatalf("registry through %s: status %d", r.srv.ReplicaID(), status)
 	}
 	return out
+}
+
+func (r *replica) hasBootedProvider(t testing.TB, id string) bool {
+	for _, p := range r.registry(t).Providers {
+		if p.ID == id && p.BootPhase == nil && !p.StateAt.IsZero() {
+			return true
+		}
+	}
+	return false
 }
 
 func (r *replica) hasProvider(t testing.TB, id string) bool {

@@ -73,12 +73,10 @@ func (s *Server) handleIBStatus(c echo.Context) error {
 	}
 
 	ctx := c.Request().Context()
-	list, complete := s.providers(ctx)
-	var checked []store.Provider
+	checked, complete := s.providers(ctx, userID)
 	if userID != "" {
-		checked = userProviders(list, userID)
+		sortByPreference(checked)
 	} else {
-		checked = list
 		sortForListing(checked)
 	}
 	if len(checked) == 0 && !complete {

@@ -109,15 +109,26 @@ func (m *Memory) Unregister(_ context.Context, id string) error {
 
 // Providers returns the providers of every node in the hub.
 func (m *Memory) Providers(context.Context) ([]Provider, error) {
+	return m.collect(func(Provider) bool { return true }), nil
+}
+
+// UserProviders returns the providers of one user in every node of the hub.
+func (m *Memory) UserProviders(_ context.Context, userID string) ([]Provider, error) {
+	return m.collect(func(p Provider) bool { return p.UserID == userID }), nil
+}
+
+func (m *Memory) collect(keep func(Provider) bool) []Provider {
 	var out []Provider
 	for _, n := range m.hub.liveNodes() {
 		n.mu.Lock()
 		for _, p := range n.providers {
-			out = append(out, p)
+			if keep(p) {
+				out = append(out, p)
+			}
 		}
 		n.mu.Unlock()
 	}
-	return out, nil
+	return out
 }
 
 // Replicas returns the started, unclosed nodes of the hub.

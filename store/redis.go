@@ -535,11 +535,21 @@ func (s *Redis) setRegistryOK() {
 	}
 }
 
+// viewUsableLocked reports whether the view can be served: Redis takes
+// writes, and pub/sub has not been silent for longer than the TTL. A shorter
+// silence is served from the view while the subscription is replaced.
+func (s *Redis) viewUsableLocked() bool {
+	if !s.health.RegistryOK {
+		return false
+	}
+	return s.health.PubSubOK || time.Since(s.health.Since) < s.cfg.TTL
+}
+
 // Providers returns every provider in the view, this replica's included.
 func (s *Redis) Providers(context.Context) ([]Provider, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if !s.health.OK() {
+	if !s.viewUsableLocked() {
 		return nil, ErrUnavailable
 	}
 	n := len(s.local)
@@ -558,11 +568,35 @@ func (s *Redis) Providers(context.Context) ([]Provider, error) {
 	return out, nil
 }
 
+// UserProviders returns one user's providers from the view. It scans the
+// view without copying other users' records.
+func (s *Redis) UserProviders(_ context.Context, userID string) ([]Provider, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.viewUsableLocked() {
+		return nil, ErrUnavailable
+	}
+	var out []Provider
+	for _, p := range s.local {
+		if p.UserID == userID {
+			out = append(out, p)
+		}
+	}
+	for _, peer := range s.peers {
+		for _, p := range peer.providers {
+			if p.UserID == userID {
+				out = append(out, p)
+			}
+		}
+	}
+	return out, nil
+}
+
 // Replicas returns this replica and the live replicas in the view.
 func (s *Redis) Replicas(context.Context) ([]Replica, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if !s.health.OK() {
+	if !s.viewUsableLocked() {
 		return nil, ErrUnavailable
 	}
 	out := []Replica{s.replicaInfoLocked()}

@@ -17,46 +17,73 @@ import (
 
 // receiveLoop reads the subscription. It never blocks on the handler, which
 // must not block either, so go-redis never drops a message for a slow reader.
-// When checkPubSub finds the subscription silent, it is replaced by a new one.
+// When checkPubSub finds the subscription silent, a new one is opened while
+// the old one is still read, and the old one is closed only after the new
+// one is confirmed and the old one's buffered messages are handled.
 func (s *Redis) receiveLoop(pubsub *redis.PubSub) {
 	defer s.done.Done()
-	for {
-		replace := s.consume(pubsub.ChannelWithSubscriptions(redis.WithChannelSize(4096)))
-		_ = pubsub.Close()
-		if !replace {
+	ch := pubsub.ChannelWithSubscriptions(redis.WithChannelSize(4096))
+	var next chan *redis.PubSub // set while a replacement is being opened
+	replace := func() {
+		if next != nil {
 			return
 		}
-		if pubsub = s.resubscribe(); pubsub == nil {
+		ready := make(chan *redis.PubSub, 1)
+		next = ready
+		go func() { ready <- s.resubscribe() }()
+	}
+	for {
+		select {
+		case <-s.stop:
+			_ = pubsub.Close()
+			return
+		case <-s.resubscribeCh:
+			replace()
+		case fresh := <-next:
+			next = nil
+			s.drain(ch)
+			_ = pubsub.Close()
+			if fresh == nil {
+				return
+			}
+			pubsub, ch = fresh, fresh.ChannelWithSubscriptions(redis.WithChannelSize(4096))
+		case m, ok := <-ch:
+			if !ok {
+				ch = nil // closed under us: wait for the replacement
+				replace()
+				continue
+			}
+			s.handleReceived(m)
+		}
+	}
+}
+
+// drain handles the messages already buffered in ch, without waiting.
+func (s *Redis) drain(ch <-chan any) {
+	for {
+		select {
+		case m, ok := <-ch:
+			if !ok {
+				return
+			}
+			s.handleReceived(m)
+		default:
 			return
 		}
 	}
 }
 
-// consume dispatches messages until the store stops (false) or the
-// subscription must be replaced (true).
-func (s *Redis) consume(ch <-chan any) bool {
-	for {
-		select {
-		case <-s.stop:
-			return false
-		case <-s.resubscribeCh:
-			return true
-		case m, ok := <-ch:
-			if !ok {
-				return true
-			}
-			switch m := m.(type) {
-			case *redis.Subscription:
-				// go-redis resubscribed after a reconnect: events sent in
-				// between are lost, so reload the whole view.
-				if m.Kind == "subscribe" && m.Channel == s.eventsChannel {
-					s.log.Info("pub/sub subscribed", "channel", m.Channel)
-					s.requestReload("")
-				}
-			case *redis.Message:
-				s.dispatch(m)
-			}
+func (s *Redis) handleReceived(m any) {
+	switch m := m.(type) {
+	case *redis.Subscription:
+		// go-redis resubscribed after a reconnect: events sent in between
+		// are lost, so reload the whole view.
+		if m.Kind == "subscribe" && m.Channel == s.eventsChannel {
+			s.log.Info("pub/sub subscribed", "channel", m.Channel)
+			s.requestReload("")
 		}
+	case *redis.Message:
+		s.dispatch(m)
 	}
 }
 
@@ -318,7 +345,7 @@ func (s *Redis) checkPeers() {
 }
 
 // checkPubSub marks pub/sub broken when this replica's own beats, published
-// successfully, have not come back through its subscription for two beat
+// successfully, have not come back through its subscription for three beat
 // intervals, and asks the receive loop to replace the subscription, again
 // every three intervals while the silence lasts.
 func (s *Redis) checkPubSub() {
@@ -328,7 +355,7 @@ func (s *Redis) checkPubSub() {
 		return
 	}
 	now := time.Now()
-	silent := s.lastBeatOK.Sub(s.ownBeatSeen) > 2*s.cfg.BeatInterval
+	silent := s.lastBeatOK.Sub(s.ownBeatSeen) > 3*s.cfg.BeatInterval
 	switch {
 	case silent && s.health.PubSubOK:
 		s.health.PubSubOK = false

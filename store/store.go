@@ -128,6 +128,8 @@ type Store interface {
 	// Providers returns every provider of every live replica, in no order.
 	// It returns ErrUnavailable while shared state cannot be trusted.
 	Providers(ctx context.Context) ([]Provider, error)
+	// UserProviders returns the providers of one user, like Providers.
+	UserProviders(ctx context.Context, userID string) ([]Provider, error)
 	// Replicas returns the live replicas, this one included.
 	Replicas(ctx context.Context) ([]Replica, error)
 
