@@ -17,7 +17,9 @@ import (
 )
 
 // closeReason is why the relay ends an agent connection: the WebSocket close
-// status, the text sent with it, and the label counted in metrics.
+// status, the text sent with it, and the label counted in metrics. A reason
+// without text drops the socket at once, with no close handshake: the peer
+// is unresponsive, and the handshake would wait for it for seconds.
 type closeReason struct {
 	code   websocket.StatusCode
 	text   string
@@ -30,8 +32,8 @@ var (
 	closeAuthFailed    = closeReason{websocket.StatusPolicyViolation, "authentication failed", "auth_failed"}
 	closeAuthTimeout   = closeReason{websocket.StatusPolicyViolation, "no auth message in time", "auth_timeout"}
 	closeAuthRetry     = closeReason{websocket.StatusTryAgainLater, "key validation unavailable, retry later", "auth_unavailable"}
-	closeSlowReader    = closeReason{websocket.StatusPolicyViolation, "agent reads too slowly", "slow_reader"}
-	closePingTimeout   = closeReason{websocket.StatusGoingAway, "ping timeout", "ping_timeout"}
+	closeSlowReader    = closeReason{websocket.StatusPolicyViolation, "", "slow_reader"}
+	closePingTimeout   = closeReason{websocket.StatusGoingAway, "", "ping_timeout"}
 	closeAgentGone     = closeReason{websocket.StatusNormalClosure, "", "agent_closed"}
 	closeReadFailed    = closeReason{websocket.StatusInternalError, "", "read_failed"}
 	closeMessageTooBig = closeReason{websocket.StatusMessageTooBig, "message too big", "message_too_big"}
