@@ -475,7 +475,7 @@ func (a *agentConn) resolve(msg protocol.Response) {
 		a.s.deliver(msg.RequestID, a.id, res)
 		return
 	}
-	go a.s.sendResult(req.origin, msg.RequestID, a.id, res)
+	a.s.sendResultAsync(req.origin, msg.RequestID, a.id, res)
 }
 
 func (a *agentConn) inflightCount() int {
@@ -496,7 +496,7 @@ func (a *agentConn) failInflight() {
 		if req.origin == "" {
 			a.s.deliver(id, a.id, res)
 		} else {
-			go a.s.sendResult(req.origin, id, a.id, res)
+			a.s.sendResultAsync(req.origin, id, a.id, res)
 		}
 	}
 }

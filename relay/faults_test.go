@@ -11,6 +11,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/relay-project/relay/agentsim"
+	"github.com/relay-project/relay/internal/tcpproxy"
 )
 
 // TestSlowAgentCutOff connects an agent that never reads. Requests pile up
@@ -195,10 +196,10 @@ func TestHalfOpenAgentDetected(t *testing.T) {
 		c.PongTimeout = 300 * time.Millisecond
 	})
 	r := rs[0]
-	proxy := newFreezeProxy(t, strings.TrimPrefix(r.base, "http://"))
+	proxy := tcpproxy.New(t, strings.TrimPrefix(r.base, "http://"))
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	conn, _, err := websocket.Dial(ctx, "ws://"+proxy.addr+"/ws/data-provider", nil)
+	conn, _, err := websocket.Dial(ctx, "ws://"+proxy.Addr+"/ws/data-provider", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -211,7 +212,7 @@ func TestHalfOpenAgentDetected(t *testing.T) {
 	a.send(`{"type":"auth","api_key":"key-alice"}`)
 	eventually(t, 2*time.Second, func() bool { return len(r.registry(t).Providers) == 1 }, "agent not registered")
 
-	proxy.freeze()
+	proxy.Freeze()
 	start := time.Now()
 	status, _ := r.request(t, map[string]any{"user_id": "alice", "request_type": "echo", "timeout_ms": 10000})
 	waited := time.Since(start)

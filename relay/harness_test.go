@@ -90,39 +90,51 @@ func testLogger(t testing.TB) *slog.Logger {
 // changes each replica's configuration before it starts.
 func newCluster(t *testing.T, backend string, n int, tweak func(*Config)) []*replica {
 	t.Helper()
+	switch backend {
+	case "memory":
+		return newMemoryCluster(t, n, tweak)
+	case "redis":
+		return newRedisCluster(t, redisClient(t), n, tweak)
+	}
+	t.Fatalf("unknown backend %q", backend)
+	return nil
+}
+
+func newMemoryCluster(t *testing.T, n int, tweak func(*Config)) []*replica {
+	t.Helper()
+	hub := store.NewMemoryHub(0)
+	return startReplicas(t, n, tweak, func(id string) store.Store { return hub.Node(id) })
+}
+
+// newRedisCluster starts n replicas on client, with a fresh key prefix and
+// short beats, so that failures show within a second.
+func newRedisCluster(t *testing.T, client redis.UniversalClient, n int, tweak func(*Config)) []*replica {
+	t.Helper()
+	prefix := "test-" + randomHex(6)
+	return startReplicas(t, n, tweak, func(id string) store.Store {
+		st, err := store.NewRedis(store.RedisConfig{
+			Client: client, Prefix: prefix, ReplicaID: id,
+			BeatInterval: 100 * time.Millisecond, TTL: 600 * time.Millisecond,
+			OpTimeout: 500 * time.Millisecond,
+			Logger:    testLogger(t),
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st
+	})
+}
+
+func startReplicas(t *testing.T, n int, tweak func(*Config), newStore func(id string) store.Store) []*replica {
+	t.Helper()
 	keys, err := auth.ParseKeys(strings.NewReader(testKeys))
 	if err != nil {
 		t.Fatal(err)
 	}
-	var hub *store.MemoryHub
-	var client *redis.Client
-	prefix := "test-" + randomHex(6)
-	switch backend {
-	case "memory":
-		hub = store.NewMemoryHub(0)
-	case "redis":
-		client = redisClient(t)
-	default:
-		t.Fatalf("unknown backend %q", backend)
-	}
-
 	replicas := make([]*replica, n)
 	for i := range replicas {
 		id := fmt.Sprintf("r%d-%s", i, randomHex(2))
-		var st store.Store
-		if hub != nil {
-			st = hub.Node(id)
-		} else {
-			st, err = store.NewRedis(store.RedisConfig{
-				Client: client, Prefix: prefix, ReplicaID: id,
-				BeatInterval: 100 * time.Millisecond, TTL: 600 * time.Millisecond,
-				Logger: testLogger(t),
-			})
-			if err != nil {
-				t.Fatal(err)
-			}
-		}
-		cfg := Config{Store: st, Auth: keys, Logger: testLogger(t)}
+		cfg := Config{Store: newStore(id), Auth: keys, Logger: testLogger(t)}
 		if tweak != nil {
 			tweak(&cfg)
 		}
@@ -137,8 +149,7 @@ func newCluster(t *testing.T, backend string, n int, tweak func(*Config)) []*rep
 		}
 		cancel()
 		ts := httptest.NewServer(srv.Handler())
-		r := &replica{srv: srv, ts: ts, base: ts.URL, ws: "ws" + strings.TrimPrefix(ts.URL, "http") + "/ws/data-provider"}
-		replicas[i] = r
+		replicas[i] = &replica{srv: srv, ts: ts, base: ts.URL, ws: "ws" + strings.TrimPrefix(ts.URL, "http") + "/ws/data-provider"}
 		t.Cleanup(func() {
 			srv.Close()
 			ts.Close()

@@ -210,7 +210,8 @@ func (s *Server) sendResult(replica, id, providerID string, res callResult) {
 		h.Kind, h.OK, h.Err = "resp", res.Success, res.Error
 		body = res.Data
 	}
-	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.WriteTimeout)
+	// Not s.ctx: answers must still go out while the server closes.
+	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.WriteTimeout)
 	defer cancel()
 	if err := s.store.Send(ctx, replica, encodePeerMessage(h, body)); err != nil {
 		s.metrics.peerSendErrors.Inc()
@@ -218,6 +219,16 @@ func (s *Server) sendResult(replica, id, providerID string, res callResult) {
 		return
 	}
 	s.metrics.peerMessages.WithLabelValues("out", h.Kind).Inc()
+}
+
+// sendResultAsync sends a result without blocking the caller, counted in
+// sending until it is out.
+func (s *Server) sendResultAsync(replica, id, providerID string, res callResult) {
+	s.sending.Add(1)
+	go func() {
+		defer s.sending.Add(-1)
+		s.sendResult(replica, id, providerID, res)
+	}()
 }
 
 // HandleMessage receives a message from another replica. It runs on the
@@ -232,18 +243,25 @@ func (s *Server) HandleMessage(msg []byte) {
 	s.metrics.peerMessages.WithLabelValues("in", h.Kind).Inc()
 	switch h.Kind {
 	case "req":
+		if h.From == "" || h.ID == "" {
+			s.log.Debug("request from another replica dropped: no origin or id", "request_id", h.ID)
+			return
+		}
 		a := s.agent(h.Provider)
 		if a == nil {
-			go s.sendResult(h.From, h.ID, h.Provider, staleFailure(fmt.Sprintf("The agent is no longer connected to replica %s.", s.id)))
+			s.sendResultAsync(h.From, h.ID, h.Provider, staleFailure(fmt.Sprintf("The agent is no longer connected to replica %s.", s.id)))
 			return
 		}
 		if !a.request(h.ID, h.Type, body, h.From, time.UnixMilli(h.Deadline)) {
-			go s.sendResult(h.From, h.ID, h.Provider, failure(codeProviderDisconnected,
+			s.sendResultAsync(h.From, h.ID, h.Provider, failure(codeProviderDisconnected,
 				fmt.Sprintf("The agent on replica %s was disconnected before it took the request.", s.id)))
 		}
 	case "resp":
 		s.deliver(h.ID, h.Provider, callResult{Success: h.OK, Data: body, Error: h.Err})
 	case "fail":
+		if h.Code == "" {
+			h.Code = codeProviderDisconnected
+		}
 		s.deliver(h.ID, h.Provider, callResult{Failure: h.Code, Message: h.Message, Stale: h.Stale})
 	default:
 		s.log.Debug("message from another replica dropped: unknown kind", "kind", h.Kind)

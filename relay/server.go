@@ -147,6 +147,9 @@ type Server struct {
 	calls map[string]*call
 
 	conns sync.WaitGroup // agent connection handlers
+	// sending counts answers on their way to the replica that waits for
+	// them; a draining server waits for them too.
+	sending atomic.Int64
 }
 
 // New returns a server. Call Start before serving.
@@ -254,7 +257,15 @@ func (s *Server) Close() error {
 	s.closeAgents(closeShutdown)
 	s.cancel()
 	s.conns.Wait()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	// Closed agents fail their requests in flight: let those failures, and
+	// answers still on their way, reach the waiting replicas before the
+	// store closes.
+	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.WriteTimeout)
+	defer cancel()
+	for s.sending.Load() > 0 && ctx.Err() == nil {
+		time.Sleep(5 * time.Millisecond)
+	}
+	ctx, cancel = context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	return s.store.Close(ctx)
 }
@@ -286,11 +297,11 @@ func (s *Server) agentCount() int {
 	return len(s.agents)
 }
 
-// inFlight counts requests started here and requests that local agents have
-// not answered yet.
+// inFlight counts requests started here, requests that local agents have
+// not answered yet, and answers not yet sent to the replica that waits.
 func (s *Server) inFlight() int {
 	s.mu.Lock()
-	n := len(s.calls)
+	n := len(s.calls) + int(s.sending.Load())
 	agents := make([]*agentConn, 0, len(s.agents))
 	for _, a := range s.agents {
 		agents = append(agents, a)

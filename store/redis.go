@@ -353,8 +353,10 @@ func (s *Redis) writeLoop() {
 				s.setRegistryError(err)
 			}
 			cancel()
-			s.checkPeers()
+			// Pub/sub health first: checkPeers trusts silence from other
+			// replicas only while this replica hears its own beats.
 			s.checkPubSub()
+			s.checkPeers()
 		case <-resync.C:
 			s.requestReload("")
 		}

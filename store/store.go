@@ -117,7 +117,8 @@ type Store interface {
 	Start(ctx context.Context, h Handler) error
 
 	// Register adds a provider held by this replica. When it returns nil the
-	// provider is visible to every replica.
+	// provider is in the shared registry, and other replicas see it as soon
+	// as their subscriptions deliver the event, normally within milliseconds.
 	Register(ctx context.Context, p Provider) error
 	// Update replaces the state of a provider held by this replica. It does not
 	// wait: updates reach the other replicas within the flush interval.

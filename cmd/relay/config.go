@@ -14,6 +14,7 @@ type config struct {
 	Addr              string
 	RedisURL          string
 	RedisPrefix       string
+	RedisCAFile       string
 	ReplicaID         string
 	KeysFile          string
 	KeysReload        time.Duration
@@ -58,6 +59,7 @@ func (c *config) settings() []setting {
 	return []setting{
 		str(&c.Addr, "RELAY_ADDR", ":8000", "listen address of the WebSocket endpoint and the HTTP API"),
 		str(&c.RedisURL, "REDIS_URL", "", "redis:// or rediss:// URL; unset runs a single replica with an in-process registry"),
+		str(&c.RedisCAFile, "RELAY_REDIS_CA_FILE", "", "PEM file of the CA that signed the Redis server's certificate, for rediss:// with a private CA"),
 		str(&c.RedisPrefix, "RELAY_REDIS_PREFIX", "relay", "prefix of every Redis key and channel; clusters sharing one Redis need distinct prefixes"),
 		str(&c.ReplicaID, "RELAY_REPLICA_ID", "", "identity of this replica; unset means the host name plus a random suffix"),
 		str(&c.KeysFile, "RELAY_KEYS_FILE", "", "agent keys file: one `KEY USER_ID` pair per line; re-read on change and on SIGHUP"),

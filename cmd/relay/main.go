@@ -7,6 +7,7 @@ package main
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
@@ -150,16 +151,12 @@ func newStore(cfg config, replicaID string, metrics *store.Metrics, logger *slog
 	if cfg.RedisURL == "" {
 		return store.NewMemoryHub(cfg.MaxAccountEvents).Node(replicaID), nil
 	}
-	opts, err := redis.ParseURL(cfg.RedisURL)
+	client, err := newRedisClient(cfg, replicaID)
 	if err != nil {
-		return nil, fmt.Errorf("REDIS_URL is invalid (expected redis://[user:password@]host:port/db or rediss://...): %w", err)
+		return nil, err
 	}
-	opts.DialTimeout = cfg.RedisTimeout
-	opts.ReadTimeout = cfg.RedisTimeout
-	opts.WriteTimeout = cfg.RedisTimeout
-	opts.ClientName = "relay-" + replicaID
 	return store.NewRedis(store.RedisConfig{
-		Client:           redis.NewClient(opts),
+		Client:           client,
 		Prefix:           cfg.RedisPrefix,
 		ReplicaID:        replicaID,
 		Addr:             cfg.Addr,
@@ -172,6 +169,34 @@ func newStore(cfg config, replicaID string, metrics *store.Metrics, logger *slog
 		Logger:           logger,
 		Metrics:          metrics,
 	})
+}
+
+// newRedisClient builds the Redis client from REDIS_URL. A rediss:// URL
+// uses TLS, verified against the system's roots or RELAY_REDIS_CA_FILE.
+func newRedisClient(cfg config, replicaID string) (*redis.Client, error) {
+	opts, err := redis.ParseURL(cfg.RedisURL)
+	if err != nil {
+		return nil, fmt.Errorf("REDIS_URL is invalid (expected redis://[user:password@]host:port/db or rediss://...): %w", err)
+	}
+	opts.DialTimeout = cfg.RedisTimeout
+	opts.ReadTimeout = cfg.RedisTimeout
+	opts.WriteTimeout = cfg.RedisTimeout
+	opts.ClientName = "relay-" + replicaID
+	if cfg.RedisCAFile != "" {
+		if opts.TLSConfig == nil {
+			return nil, errors.New("RELAY_REDIS_CA_FILE is set but REDIS_URL does not use rediss://")
+		}
+		pem, err := os.ReadFile(cfg.RedisCAFile)
+		if err != nil {
+			return nil, fmt.Errorf("read RELAY_REDIS_CA_FILE: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("RELAY_REDIS_CA_FILE %s holds no PEM certificate", cfg.RedisCAFile)
+		}
+		opts.TLSConfig.RootCAs = pool
+	}
+	return redis.NewClient(opts), nil
 }
 
 // newValidator builds the agent key check: the keys file when set, else the
