@@ -451,7 +451,13 @@ func (s *Server) handleCluster(c echo.Context) error {
 	view.Replicas = replicas
 	list, _ := s.providers(ctx, "")
 	view.Providers = len(list)
-	if view.AuthFailures, err = s.store.AuthFailures(ctx); err != nil || view.AuthFailures == nil {
+	// With Redis down, reading the failures would wait for the Redis timeout.
+	if view.Store.RegistryOK {
+		fctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
+		view.AuthFailures, err = s.store.AuthFailures(fctx)
+		cancel()
+	}
+	if err != nil || view.AuthFailures == nil {
 		view.AuthFailures = []store.AuthFailure{}
 	}
 	return c.JSON(http.StatusOK, view)

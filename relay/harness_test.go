@@ -111,12 +111,21 @@ func newMemoryCluster(t *testing.T, n int, tweak func(*Config)) []*replica {
 func newRedisCluster(t *testing.T, client redis.UniversalClient, n int, tweak func(*Config)) []*replica {
 	t.Helper()
 	prefix := "test-" + randomHex(6)
-	return startReplicas(t, n, tweak, func(id string) store.Store {
+	metrics := map[string]*store.Metrics{}
+	withMetrics := func(c *Config) {
+		c.StoreMetrics = metrics[c.Store.ReplicaID()]
+		if tweak != nil {
+			tweak(c)
+		}
+	}
+	return startReplicas(t, n, withMetrics, func(id string) store.Store {
+		metrics[id] = new(store.Metrics)
 		st, err := store.NewRedis(store.RedisConfig{
 			Client: client, Prefix: prefix, ReplicaID: id,
 			BeatInterval: 100 * time.Millisecond, TTL: 600 * time.Millisecond,
 			OpTimeout: 500 * time.Millisecond,
 			Logger:    testLogger(t),
+			Metrics:   metrics[id],
 		})
 		if err != nil {
 			t.Fatal(err)

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"sync"
 	"sync/atomic"
@@ -41,6 +42,9 @@ type Config struct {
 	// TrustProxyHeaders makes the server take the client address from
 	// X-Forwarded-For, for deployments behind a load balancer that sets it.
 	TrustProxyHeaders bool
+	// TrustedProxies limits TrustProxyHeaders to proxies in these networks.
+	// Empty means loopback, link-local and private addresses.
+	TrustedProxies []*net.IPNet
 
 	// AuthTimeout is how long an agent has to send auth after connecting. Zero means 10 s.
 	AuthTimeout time.Duration
@@ -195,8 +199,16 @@ func (s *Server) routes() *echo.Echo {
 	e.HideBanner = true
 	e.HidePort = true
 	e.HTTPErrorHandler = s.handleHTTPError
+	e.Use(s.nameReplica)
 	if s.cfg.TrustProxyHeaders {
-		e.IPExtractor = echo.ExtractIPFromXFFHeader()
+		var opts []echo.TrustOption
+		if len(s.cfg.TrustedProxies) > 0 {
+			opts = append(opts, echo.TrustLoopback(false), echo.TrustLinkLocal(false), echo.TrustPrivateNet(false))
+			for _, n := range s.cfg.TrustedProxies {
+				opts = append(opts, echo.TrustIPRange(n))
+			}
+		}
+		e.IPExtractor = echo.ExtractIPFromXFFHeader(opts...)
 	} else {
 		e.IPExtractor = echo.ExtractIPDirect()
 	}
@@ -215,6 +227,15 @@ func (s *Server) routes() *echo.Echo {
 	api.GET("/options/relay/account-events", s.handleAccountEvents)
 	api.GET("/options/relay/cluster", s.handleCluster)
 	return e
+}
+
+// nameReplica sets X-Relay-Replica on every answer, so an operator behind a
+// load balancer can tell which replica answered.
+func (s *Server) nameReplica(next echo.HandlerFunc) echo.HandlerFunc {
+	return func(c echo.Context) error {
+		c.Response().Header().Set("X-Relay-Replica", s.id)
+		return next(c)
+	}
 }
 
 // Drain stops the server as a rolling restart needs: readiness fails and new
@@ -270,6 +291,10 @@ func (s *Server) Close() error {
 	return s.store.Close(ctx)
 }
 
+// closeAgents closes every agent at once. Each close waits for the agent's
+// close frame for up to 5 s (coder/websocket's handshake limit), so closing
+// them one batch after another would make a drain with many dead
+// connections outlast its grace period.
 func (s *Server) closeAgents(reason closeReason) {
 	s.mu.Lock()
 	agents := make([]*agentConn, 0, len(s.agents))
@@ -278,14 +303,11 @@ func (s *Server) closeAgents(reason closeReason) {
 	}
 	s.mu.Unlock()
 	var wg sync.WaitGroup
-	sem := make(chan struct{}, 64)
 	for _, a := range agents {
 		wg.Add(1)
-		sem <- struct{}{}
 		go func() {
 			defer wg.Done()
 			a.close(reason)
-			<-sem
 		}()
 	}
 	wg.Wait()

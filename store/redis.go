@@ -228,6 +228,10 @@ func (s *Redis) Start(ctx context.Context, h Handler) error {
 		_ = pubsub.Close()
 		return fmt.Errorf("store: subscribe to %s: %w", s.inboxChannel, err)
 	}
+	// The first beat rewrites this replica's hash whole: a process that
+	// crashed under the same replica id within the TTL left entries that no
+	// socket backs any more.
+	s.markFullSync()
 	if err := s.beat(ctx); err != nil {
 		_ = pubsub.Close()
 		return fmt.Errorf("store: first registry write: %w", err)

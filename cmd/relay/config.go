@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"net"
 	"os"
 	"strconv"
 	"strings"
@@ -24,6 +25,7 @@ type config struct {
 	KeyConcurrency    int
 	APIToken          string
 	TrustProxyHeaders bool
+	TrustedProxies    string
 	LogLevel          string
 	LogFormat         string
 
@@ -70,6 +72,7 @@ func (c *config) settings() []setting {
 		num(&c.KeyConcurrency, "RELAY_KEY_VALIDATION_CONCURRENCY", "16", "maximum key checks in flight to the web app"),
 		str(&c.APIToken, "RELAY_API_TOKEN", "", "bearer token the backend API requires; unset leaves the API open"),
 		boolean(&c.TrustProxyHeaders, "RELAY_TRUST_PROXY_HEADERS", "false", "take client addresses from X-Forwarded-For (only behind a proxy that sets it)"),
+		str(&c.TrustedProxies, "RELAY_TRUSTED_PROXIES", "", "comma-separated networks (CIDR) of the proxies whose X-Forwarded-For is trusted; unset means loopback and private networks"),
 		str(&c.LogLevel, "RELAY_LOG_LEVEL", "info", "debug, info, warn or error"),
 		str(&c.LogFormat, "RELAY_LOG_FORMAT", "json", "json or text"),
 		dur(&c.AuthTimeout, "RELAY_AUTH_TIMEOUT", "10s", "time an agent has to send auth after connecting"),
@@ -110,6 +113,9 @@ func loadConfig(getenv func(string) string) (config, error) {
 	}
 	if strings.ContainsAny(c.ReplicaID, "{} ") {
 		problems = append(problems, fmt.Sprintf("RELAY_REPLICA_ID=%q: must not contain braces or spaces", c.ReplicaID))
+	}
+	if _, err := parseNetworks(c.TrustedProxies); err != nil {
+		problems = append(problems, fmt.Sprintf("RELAY_TRUSTED_PROXIES=%q: %v", c.TrustedProxies, err))
 	}
 	if len(problems) > 0 {
 		return c, fmt.Errorf("invalid configuration:\n  %s", strings.Join(problems, "\n  "))
@@ -170,4 +176,29 @@ func boolean(p *bool, name, def, help string) setting {
 		*p = b
 		return nil
 	}}
+}
+
+// parseNetworks parses a comma-separated list of CIDR networks; a bare
+// address counts as a single-address network.
+func parseNetworks(list string) ([]*net.IPNet, error) {
+	var out []*net.IPNet
+	for _, item := range strings.Split(list, ",") {
+		item = strings.TrimSpace(item)
+		if item == "" {
+			continue
+		}
+		if !strings.Contains(item, "/") {
+			if ip := net.ParseIP(item); ip != nil && ip.To4() != nil {
+				item += "/32"
+			} else {
+				item += "/128"
+			}
+		}
+		_, n, err := net.ParseCIDR(item)
+		if err != nil {
+			return nil, fmt.Errorf("%q is not a network such as 10.0.0.0/8", item)
+		}
+		out = append(out, n)
+	}
+	return out, nil
 }

@@ -98,10 +98,11 @@ func run(cfg config, logger *slog.Logger) error {
 		return err
 	}
 
+	trusted, _ := parseNetworks(cfg.TrustedProxies) // checked by loadConfig
 	srv, err := relay.New(relay.Config{
 		Store: st, Auth: validator, APIToken: cfg.APIToken, Logger: logger, Metrics: reg, StoreMetrics: storeMetrics,
-		TrustProxyHeaders: cfg.TrustProxyHeaders,
-		AuthTimeout:       cfg.AuthTimeout, ValidateTimeout: cfg.ValidateTimeout,
+		TrustProxyHeaders: cfg.TrustProxyHeaders, TrustedProxies: trusted,
+		AuthTimeout: cfg.AuthTimeout, ValidateTimeout: cfg.ValidateTimeout,
 		MaxMessageBytes: int64(cfg.MaxMessageBytes), WriteTimeout: cfg.WriteTimeout, SendQueue: cfg.SendQueue,
 		PingInterval: cfg.PingInterval, PongTimeout: cfg.PongTimeout,
 		RequestTimeout: cfg.RequestTimeout, MaxRequestTimeout: cfg.MaxRequestTimeout, StatusTimeout: cfg.StatusTimeout,
@@ -111,11 +112,8 @@ func run(cfg config, logger *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	startCtx, cancel := context.WithTimeout(ctx, 15*time.Second)
-	err = srv.Start(startCtx)
-	cancel()
-	if err != nil {
-		return fmt.Errorf("connect the registry: %w", err)
+	if err := startWithRetry(ctx, srv, logger); err != nil {
+		return err
 	}
 
 	ln, err := net.Listen("tcp", cfg.Addr)
@@ -145,6 +143,30 @@ func run(cfg config, logger *slog.Logger) error {
 	}
 	logger.Info("relay stopped", "replica", replicaID)
 	return drainErr
+}
+
+// startWithRetry connects the server to its store, retrying with a capped
+// backoff while Redis cannot be reached, until it succeeds or ctx ends. The
+// first failure is logged as an error and later ones every tenth attempt.
+func startWithRetry(ctx context.Context, srv *relay.Server, logger *slog.Logger) error {
+	backoff := 500 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		startCtx, cancel := context.WithTimeout(ctx, 15*time.Second)
+		err := srv.Start(startCtx)
+		cancel()
+		if err == nil {
+			return nil
+		}
+		if attempt == 1 || attempt%10 == 0 {
+			logger.Error("registry unreachable at start; retrying", "attempt", attempt, "retry_in", backoff.String(), "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("connect the registry: %w", err)
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 10*time.Second)
+	}
 }
 
 func newStore(cfg config, replicaID string, metrics *store.Metrics, logger *slog.Logger) (store.Store, error) {
