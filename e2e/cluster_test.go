@@ -519,6 +519,7 @@ var httpClient = &http.Client{Timeout: 30 * time.Second}
 // httpResult is one HTTP exchange with a replica.
 type httpResult struct {
 	status  int
+	header  http.Header
 	body    []byte
 	elapsed time.Duration
 }
@@ -552,7 +553,7 @@ func doHTTP(method, url string, body any) (httpResult, error) {
 	if err != nil {
 		return httpResult{}, fmt.Errorf("%s %s: read the response: %w", method, url, err)
 	}
-	return httpResult{status: resp.StatusCode, body: data, elapsed: time.Since(start)}, nil
+	return httpResult{status: resp.StatusCode, header: resp.Header, body: data, elapsed: time.Since(start)}, nil
 }
 
 // getJSON sends a GET, fails the test unless the status is wantStatus, and
