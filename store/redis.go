@@ -218,6 +218,10 @@ func (s *Redis) ReplicaID() string { return s.cfg.ReplicaID }
 // first beat, loads the registry view and starts the background loops.
 func (s *Redis) Start(ctx context.Context, h Handler) error {
 	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return ErrClosed
+	}
 	s.handler = h
 	s.mu.Unlock()
 
@@ -336,21 +340,19 @@ func (s *Redis) writeLoop() {
 	resync := time.NewTicker(s.cfg.ResyncInterval)
 	defer resync.Stop()
 	for {
+		// Writes go before a due beat, so that beats failing against an
+		// unreachable Redis delay a write by at most one OpTimeout.
+		select {
+		case op := <-s.ops:
+			s.writeBatch(s.drainOps(op))
+			continue
+		default:
+		}
 		select {
 		case <-s.stop:
 			return
 		case op := <-s.ops:
-			batch := []writeOp{op}
-		drain:
-			for len(batch) < 512 {
-				select {
-				case more := <-s.ops:
-					batch = append(batch, more)
-				default:
-					break drain
-				}
-			}
-			s.writeBatch(batch)
+			s.writeBatch(s.drainOps(op))
 		case <-beat.C:
 			ctx, cancel := s.opContext()
 			if err := s.beat(ctx); err != nil {
@@ -746,4 +748,18 @@ func (s *Redis) Close(ctx context.Context) error {
 		s.log.Info("registry stopped")
 	})
 	return err
+}
+
+// drainOps returns op with the writes queued behind it, up to 512.
+func (s *Redis) drainOps(op writeOp) []writeOp {
+	batch := []writeOp{op}
+	for len(batch) < 512 {
+		select {
+		case more := <-s.ops:
+			batch = append(batch, more)
+		default:
+			return batch
+		}
+	}
+	return batch
 }

@@ -276,7 +276,12 @@ func (s *Redis) reloadPeers(ctx context.Context, only string) error {
 	for id, r := range results {
 		infoJSON, err := r.alive.Bytes()
 		if err != nil {
-			// No liveness key: the replica is dead or stopped.
+			// No liveness key: the replica is dead or stopped, unless Redis
+			// lost the key (a restart without persistence, an eviction) while
+			// the replica still beats. checkPeers judges those by the TTL.
+			if peer, ok := s.peers[id]; ok && (!s.health.PubSubOK || peer.lastSeen.After(now.Add(-s.cfg.TTL))) {
+				continue
+			}
 			gone = append(gone, id)
 			if _, ok := s.peers[id]; ok {
 				delete(s.peers, id)
@@ -355,7 +360,7 @@ func (s *Redis) checkPubSub() {
 		return
 	}
 	now := time.Now()
-	silent := s.lastBeatOK.Sub(s.ownBeatSeen) > 3*s.cfg.BeatInterval
+	silent := now.Sub(s.ownBeatSeen) > 3*s.cfg.BeatInterval
 	switch {
 	case silent && s.health.PubSubOK:
 		s.health.PubSubOK = false
@@ -368,6 +373,10 @@ func (s *Redis) checkPubSub() {
 	case !silent && !s.health.PubSubOK:
 		s.health.PubSubOK = true
 		s.health.Since = now.UTC()
+		// Peers could not be heard either: each gets a full TTL to beat again.
+		for _, peer := range s.peers {
+			peer.lastSeen = now
+		}
 		s.log.Info("pub/sub delivering again")
 		s.requestReloadLocked("")
 	}
