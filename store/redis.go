@@ -196,6 +196,11 @@ func NewRedis(cfg RedisConfig) (*Redis, error) {
 		dirty:         make(map[string]struct{}),
 		peers:         make(map[string]*peerView),
 		health:        Health{Backend: "redis", Since: time.Now().UTC()},
+		// Generations start at the start time, so that a process restarted
+		// under the same replica id writes newer generations than the
+		// crashed one, whose entries the other replicas then replace.
+		// NOTE: this assumes the clock does not step back between the two.
+		gen: uint64(time.Now().UnixNano()),
 	}
 	return s, nil
 }

@@ -753,3 +753,33 @@ func mustJSON(t *testing.T, v any) string {
 	}
 	return string(data)
 }
+
+// TestRedisRestartUnderSameIDDropsOldEntries crashes a replica and starts a
+// new process under the same replica id well within the TTL: the crashed
+// process's providers leave every view at the new one's first beat, not
+// when the TTL would have let them expire.
+func TestRedisRestartUnderSameIDDropsOldEntries(t *testing.T) {
+	const ttl = 5 * time.Second
+	c := newPrivateCluster(t)
+	cfg := store.RedisConfig{BeatInterval: 100 * time.Millisecond, TTL: ttl}
+	crashed, _, crashedClient := c.start("same", cfg)
+	other, _, _ := c.start("other", cfg)
+
+	p := sampleProvider(randomHex(8), "user-1")
+	if err := crashed.Register(testContext(t), p); err != nil {
+		t.Fatalf("Register: %v", err)
+	}
+	waitForIDs(t, propagationTimeout, other, p.ID)
+	if err := crashedClient.Close(); err != nil {
+		t.Fatalf("close client of the crashed store: %v", err)
+	}
+
+	restartCfg := cfg
+	restartCfg.Prefix = c.prefix
+	restartCfg.ReplicaID = crashed.ReplicaID()
+	restarted, _ := startRedisStore(t, c.options, restartCfg, &recordingHandler{})
+	start := time.Now()
+	waitForIDs(t, ttl/2, other)
+	waitForIDs(t, ttl/2, restarted)
+	t.Logf("old providers gone from the other view %v after the restart (TTL %v)", time.Since(start).Round(time.Millisecond), ttl)
+}
