@@ -150,7 +150,7 @@ func (s *Server) providers(ctx context.Context, userID string) (list []store.Pro
 }
 
 var errRegistryUnavailable = apiErr(http.StatusServiceUnavailable, codeRegistryUnavailable,
-	"The cluster registry is unavailable (Redis cannot be reached); only agents on this replica can be reached.")
+	"The cluster registry is unavailable on this replica: Redis cannot be reached, or its pub/sub subscription stopped delivering. Only agents on this replica can be reached; see /readyz for the store state.")
 
 // registryListing is the answer of GET /options/relay/registry.
 type registryListing struct {
