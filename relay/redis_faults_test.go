@@ -56,10 +56,12 @@ func TestRedisUnreachable(t *testing.T) {
 	bob := startAgent(t, agentsim.Config{URL: rs[1].ws, APIKey: "key-bob", TWSConnected: true}, rs...)
 
 	proxy.Cut()
-	eventually(t, 3*time.Second, func() bool {
-		_, h := rs[0].readyz(t)
-		return !h.RegistryOK
-	}, "readyz never reported the registry down")
+	for _, r := range rs {
+		eventually(t, 3*time.Second, func() bool {
+			_, h := r.readyz(t)
+			return !h.RegistryOK
+		}, "readyz of %s never reported the registry down", r.srv.ReplicaID())
+	}
 	start := time.Now()
 	for time.Since(start) < outage {
 		status, h := rs[1].readyz(t)
