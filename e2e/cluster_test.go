@@ -255,52 +255,11 @@ func (c *cluster) startReplica(id string) *replica {
 	}
 }
 
-// launch starts the relay process of replica id without waiting for it.
+// launch starts the relay process of replica id on a free loopback port
+// without waiting for it; launchAt has the details.
 func (c *cluster) launch(id string) *replica {
 	c.t.Helper()
-	r := &replica{
-		id:     id,
-		addr:   freeLoopbackAddr(c.t),
-		logs:   new(logBuffer),
-		exited: make(chan struct{}),
-	}
-	env := append(inheritedEnv(),
-		"RELAY_ADDR="+r.addr,
-		"REDIS_URL="+redisURL(),
-		"RELAY_REDIS_PREFIX="+c.prefix,
-		"RELAY_REPLICA_ID="+id,
-		"RELAY_KEYS_FILE="+c.keysFile,
-		"RELAY_BEAT_INTERVAL="+beatInterval.String(),
-		"RELAY_REGISTRY_TTL="+registryTTL.String(),
-		"RELAY_DRAIN_TIMEOUT=5s",
-		"RELAY_LOG_LEVEL=debug",
-		"RELAY_LOG_FORMAT=json",
-	)
-	r.cmd = exec.Command(relayBinary)
-	r.cmd.Env = env
-	r.cmd.Stdout = r.logs
-	r.cmd.Stderr = r.logs
-	if err := r.cmd.Start(); err != nil {
-		c.t.Fatalf("start replica %s: %v", id, err)
-	}
-	go func() {
-		r.waitErr = r.cmd.Wait()
-		close(r.exited)
-	}()
-
-	// Cleanups run last-in first-out: the process is killed first, then its
-	// log is checked and printed.
-	t := c.t
-	t.Cleanup(func() {
-		if os.Getenv("RELAY_E2E_RACE") == "1" && strings.Contains(r.logs.String(), "WARNING: DATA RACE") {
-			t.Errorf("replica %s reported a data race; see its log below", id)
-		}
-		if t.Failed() {
-			t.Logf("replica %s log (%s, last %d KiB):\n%s", id, r.addr, logTailBytes>>10, r.logs.tail(logTailBytes))
-		}
-	})
-	t.Cleanup(func() { r.kill() })
-	return r
+	return c.launchAt(id, "")
 }
 
 // inheritedEnv returns the test's environment without the relay's own

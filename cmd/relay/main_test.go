@@ -131,4 +131,3 @@ func writeTestCertificates(t *testing.T, dir string) (caFile, certFile, keyFile 
 	}
 	return write("ca.pem", "CERTIFICATE", caDER), write("server.pem", "CERTIFICATE", der), write("server-key.pem", "EC PRIVATE KEY", keyDER)
 }
-
