@@ -3,6 +3,7 @@ package relay
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/http"
 	"sync"
 	"sync/atomic"
@@ -83,6 +84,10 @@ func (s *Server) handleAgent(c echo.Context) error {
 	ip := c.RealIP()
 	if s.limiter.blocked(ip, time.Now()) {
 		s.metrics.auth.WithLabelValues("rate_limited").Inc()
+		if s.limiter.firstBlock(ip) {
+			s.storeAuthFailure(ip, "", fmt.Sprintf("address turned away for up to %s after %d failed authentications",
+				s.cfg.AuthFailureWindow, s.cfg.AuthFailureLimit))
+		}
 		return apiErr(http.StatusTooManyRequests, "rate_limited", "Too many failed authentications from this address; retry later.")
 	}
 	conn, err := websocket.Accept(c.Response(), c.Request(), nil)
@@ -140,6 +145,7 @@ func (a *agentConn) authenticate() bool {
 	// timer that sends the rejection while the read waits.
 	timer := time.AfterFunc(s.cfg.AuthTimeout, func() {
 		s.metrics.auth.WithLabelValues("timeout").Inc()
+		s.storeAuthFailure(a.ip, "", "no auth message within "+s.cfg.AuthTimeout.String())
 		a.rejectAuth("no auth message within "+s.cfg.AuthTimeout.String(), closeAuthTimeout)
 	})
 	typ, frame, err := a.conn.Read(a.ctx)
@@ -154,6 +160,7 @@ func (a *agentConn) authenticate() bool {
 	msgType, err := protocol.PeekType(frame)
 	if typ != websocket.MessageText || err != nil || msgType != protocol.TypeAuth {
 		s.metrics.auth.WithLabelValues("protocol_error").Inc()
+		s.storeAuthFailure(a.ip, "", "first message was not auth")
 		a.rejectAuth(`the first message must be {"type": "auth", "api_key": ...}`, closeAuthFailed)
 		return false
 	}
@@ -491,8 +498,17 @@ func (a *agentConn) failInflight() {
 	inflight := a.inflight
 	a.inflight = make(map[string]inflightRequest)
 	a.mu.Unlock()
+	message := "The agent disconnected before it answered."
+	switch a.reason {
+	case closeRestart, closeShutdown:
+		message = fmt.Sprintf("Replica %s, which held the agent, stopped before the agent answered; the agent reconnects to another replica.", a.s.id)
+	case closePingTimeout:
+		message = "The agent stopped answering pings and was disconnected before it answered."
+	case closeSlowReader:
+		message = "The agent read too slowly and was disconnected before it answered."
+	}
 	for id, req := range inflight {
-		res := failure(codeProviderDisconnected, "The agent disconnected before it answered.")
+		res := failure(codeProviderDisconnected, message)
 		if req.origin == "" {
 			a.s.deliver(id, a.id, res)
 		} else {

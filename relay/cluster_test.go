@@ -367,3 +367,25 @@ func TestMetricsCountRoutedRequests(t *testing.T) {
 		}
 	}
 }
+
+// TestStaleStateNotReported makes an agent's last agent_state older than
+// StateMaxAge: ib-status from the cache, or after the agent fails to answer,
+// no longer reports TWS connected from it.
+func TestStaleStateNotReported(t *testing.T) {
+	rs := newCluster(t, "memory", 1, func(c *Config) { c.StateMaxAge = 300 * time.Millisecond })
+	a := dialRaw(t, rs[0])
+	a.auth("key-alice")
+	a.send(`{"type":"agent_state","ib_connected":true}`)
+	eventually(t, time.Second, func() bool { return rs[0].ibStatus(t, "user_id=alice&source=cache").Connected },
+		"fresh cached state never reported connected")
+
+	time.Sleep(400 * time.Millisecond)
+	st := rs[0].ibStatus(t, "user_id=alice&source=cache")
+	if st.Connected || !strings.Contains(st.Message, "old") {
+		t.Errorf("stale cached state: connected %v, message %q; want false and the state's age", st.Connected, st.Message)
+	}
+	st = rs[0].ibStatus(t, "user_id=alice&timeout_ms=200")
+	if st.Connected {
+		t.Errorf("silent agent with a stale state reported connected: %q", st.Message)
+	}
+}

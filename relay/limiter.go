@@ -17,8 +17,9 @@ type failureLimiter struct {
 }
 
 type failureWindow struct {
-	start time.Time
-	count int
+	start    time.Time
+	count    int
+	reported bool // the block of this window has been recorded
 }
 
 // maxLimiterEntries bounds the limiter's memory under a flood from many addresses.
@@ -33,6 +34,19 @@ func (l *failureLimiter) blocked(ip string, now time.Time) bool {
 	defer l.mu.Unlock()
 	w := l.entries[ip]
 	return w != nil && now.Sub(w.start) < l.window && w.count >= l.limit
+}
+
+// firstBlock reports whether this is the first time ip is turned away in its
+// current window, so that the block is recorded once, not per attempt.
+func (l *failureLimiter) firstBlock(ip string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	w := l.entries[ip]
+	if w == nil || w.reported {
+		return false
+	}
+	w.reported = true
+	return true
 }
 
 func (l *failureLimiter) fail(ip string, now time.Time) {

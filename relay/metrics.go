@@ -132,15 +132,22 @@ func requestTypeLabel(t string) string {
 	return "other"
 }
 
-// recordAuthFailure logs a failed authentication and keeps it in the store
-// for operators. Failures from an address that the limiter blocks are not
+// recordAuthFailure logs a failed key check and keeps it in the store for
+// operators. Failures from an address that the limiter blocks are not
 // logged one by one.
 func (s *Server) recordAuthFailure(ip, key, reason string) {
-	f := store.AuthFailure{At: time.Now().UTC(), ReplicaID: s.id, IP: ip, KeyFingerprint: auth.Fingerprint(key), Reason: reason}
-	if s.limiter.blocked(ip, f.At) {
+	if s.limiter.blocked(ip, time.Now()) {
 		return
 	}
-	s.log.Warn("agent authentication failed", "ip", ip, "key", f.KeyFingerprint, "reason", reason)
+	fingerprint := auth.Fingerprint(key)
+	s.log.Warn("agent authentication failed", "ip", ip, "key", fingerprint, "reason", reason)
+	s.storeAuthFailure(ip, fingerprint, reason)
+}
+
+// storeAuthFailure keeps a failed authentication in the store. An empty
+// fingerprint means no key was checked.
+func (s *Server) storeAuthFailure(ip, fingerprint, reason string) {
+	f := store.AuthFailure{At: time.Now().UTC(), ReplicaID: s.id, IP: ip, KeyFingerprint: fingerprint, Reason: reason}
 	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.WriteTimeout)
 	defer cancel()
 	if err := s.store.RecordAuthFailure(ctx, f); err != nil {

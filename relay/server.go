@@ -70,6 +70,10 @@ type Config struct {
 	MaxRequestTimeout time.Duration
 	// StatusTimeout is the ib-status wait when timeout_ms is absent. Zero means 5 s.
 	StatusTimeout time.Duration
+	// StateMaxAge is how old an agent's last agent_state may be for ib-status
+	// to use it, from source=cache or when the agent does not answer. Agents
+	// report every 10 s. Zero means 30 s.
+	StateMaxAge time.Duration
 	// DrainTimeout bounds how long a stopping server waits for requests in
 	// flight. Zero means 30 s.
 	DrainTimeout time.Duration
@@ -104,6 +108,7 @@ func (c *Config) setDefaults() error {
 	setDuration(&c.RequestTimeout, 30*time.Second)
 	setDuration(&c.MaxRequestTimeout, 10*time.Minute)
 	setDuration(&c.StatusTimeout, 5*time.Second)
+	setDuration(&c.StateMaxAge, 30*time.Second)
 	setDuration(&c.DrainTimeout, 30*time.Second)
 	setDuration(&c.AuthFailureWindow, time.Minute)
 	if c.MaxMessageBytes <= 0 {

@@ -85,7 +85,7 @@ func (s *Server) handleIBStatus(c echo.Context) error {
 
 	var statuses []providerStatus
 	if source == "cache" {
-		statuses = cachedStatuses(checked)
+		statuses = s.cachedStatuses(checked)
 	} else {
 		statuses = s.liveStatuses(ctx, checked, timeout)
 	}
@@ -98,15 +98,26 @@ func (s *Server) handleIBStatus(c echo.Context) error {
 	return c.JSON(http.StatusOK, answer)
 }
 
-func cachedStatuses(checked []store.Provider) []providerStatus {
+func (s *Server) cachedStatuses(checked []store.Provider) []providerStatus {
 	out := make([]providerStatus, len(checked))
 	for i, p := range checked {
-		out[i] = providerStatus{ProviderID: p.ID, UserID: p.UserID, InstanceID: p.InstanceID, Connected: isTrue(p.IBConnected), Source: "heartbeat_cache"}
-		if p.IBConnected == nil {
-			out[i].Message = "The agent has not reported its TWS state yet."
-		}
+		out[i] = providerStatus{ProviderID: p.ID, UserID: p.UserID, InstanceID: p.InstanceID, Source: "heartbeat_cache"}
+		out[i].Connected, out[i].Message = s.cachedTWS(p)
 	}
 	return out
+}
+
+// cachedTWS returns the TWS state of the provider's last agent_state, and
+// why it is not usable: none arrived yet, or it is older than StateMaxAge,
+// which a hung agent's state soon is.
+func (s *Server) cachedTWS(p store.Provider) (connected bool, problem string) {
+	switch {
+	case p.IBConnected == nil || p.StateAt.IsZero():
+		return false, "The agent has not reported its TWS state yet."
+	case time.Since(p.StateAt) > s.cfg.StateMaxAge:
+		return false, fmt.Sprintf("The agent's last state report is %s old.", time.Since(p.StateAt).Round(time.Second))
+	}
+	return *p.IBConnected, ""
 }
 
 // liveStatuses sends ib_status to every checked provider in parallel. A
@@ -150,7 +161,7 @@ func (s *Server) liveStatus(ctx context.Context, p store.Provider, timeout time.
 	// unless the agent is known to be gone.
 	st.Source = "heartbeat_cache"
 	if st.Error != codeProviderDisconnected {
-		st.Connected = isTrue(p.IBConnected)
+		st.Connected, _ = s.cachedTWS(p)
 	}
 	return st
 }
@@ -217,8 +228,9 @@ func notConnectedMessage(first store.Provider, statuses []providerStatus, cached
 		counts[st.Error]++
 	}
 	switch {
-	case cached && first.IBConnected == nil:
-		return "Agent connected, but it has not reported its TWS state yet."
+	case cached && statuses[0].Message != "":
+		// The first provider's cached state is missing or too old.
+		return "Agent connected, but its TWS state is unknown: " + statuses[0].Message
 	case cached:
 		return msgTWSNotConnected
 	case counts[codeTimeout] > 0:

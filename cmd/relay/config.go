@@ -39,6 +39,7 @@ type config struct {
 	RequestTimeout    time.Duration
 	MaxRequestTimeout time.Duration
 	StatusTimeout     time.Duration
+	StateMaxAge       time.Duration
 	DrainTimeout      time.Duration
 	MaxBodyBytes      int
 	AuthFailureLimit  int
@@ -85,6 +86,7 @@ func (c *config) settings() []setting {
 		dur(&c.RequestTimeout, "RELAY_REQUEST_TIMEOUT", "30s", "wait for an agent's answer when a request has no timeout_ms"),
 		dur(&c.MaxRequestTimeout, "RELAY_MAX_REQUEST_TIMEOUT", "10m", "largest timeout_ms accepted"),
 		dur(&c.StatusTimeout, "RELAY_STATUS_TIMEOUT", "5s", "ib-status wait when timeout_ms is absent"),
+		dur(&c.StateMaxAge, "RELAY_STATE_MAX_AGE", "30s", "how old an agent's last agent_state may be for ib-status to report it (source=cache, or when the agent does not answer)"),
 		dur(&c.DrainTimeout, "RELAY_DRAIN_TIMEOUT", "30s", "on SIGTERM, how long requests in flight may take before agents are closed"),
 		num(&c.MaxBodyBytes, "RELAY_MAX_BODY_BYTES", "16777216", "largest backend request body, in bytes"),
 		num(&c.AuthFailureLimit, "RELAY_AUTH_FAILURE_LIMIT", "20", "failed agent authentications per address and window before the address is turned away"),

@@ -105,7 +105,7 @@ func run(cfg config, logger *slog.Logger) error {
 		AuthTimeout: cfg.AuthTimeout, ValidateTimeout: cfg.ValidateTimeout,
 		MaxMessageBytes: int64(cfg.MaxMessageBytes), WriteTimeout: cfg.WriteTimeout, SendQueue: cfg.SendQueue,
 		PingInterval: cfg.PingInterval, PongTimeout: cfg.PongTimeout,
-		RequestTimeout: cfg.RequestTimeout, MaxRequestTimeout: cfg.MaxRequestTimeout, StatusTimeout: cfg.StatusTimeout,
+		RequestTimeout: cfg.RequestTimeout, MaxRequestTimeout: cfg.MaxRequestTimeout, StatusTimeout: cfg.StatusTimeout, StateMaxAge: cfg.StateMaxAge,
 		DrainTimeout: cfg.DrainTimeout, MaxBodyBytes: int64(cfg.MaxBodyBytes),
 		AuthFailureLimit: cfg.AuthFailureLimit, AuthFailureWindow: cfg.AuthFailureWindow,
 	})
@@ -232,7 +232,6 @@ func newValidator(ctx context.Context, cfg config, logger *slog.Logger) (auth.Va
 		}
 		go keys.Watch(ctx, cfg.KeysReload)
 		go reloadOnHangup(ctx, keys, logger)
-		logger.Info("agent keys loaded", "file", cfg.KeysFile, "keys", keys.Len())
 		return keys, nil
 	case cfg.APIBaseURL != "":
 		return auth.NewHTTPValidator(auth.HTTPConfig{
