@@ -6,6 +6,7 @@
 package protocol
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -111,6 +112,25 @@ func PeekType(frame []byte) (string, error) {
 		return "", ErrMissingType
 	}
 	return env.Type, nil
+}
+
+// responsePrefixes are how a response frame starts when its type comes
+// first, as the production agent (Python's json.dumps) writes it.
+var responsePrefixes = [][]byte{[]byte(`{"type": "response"`), []byte(`{"type":"response"`)}
+
+// IsResponse reports whether frame starts as a response frame does. It does
+// not validate the frame: it spares large responses the full parse of
+// PeekType, and Decode validates them afterwards.
+func IsResponse(frame []byte) bool {
+	for _, prefix := range responsePrefixes {
+		if bytes.HasPrefix(frame, prefix) && len(frame) > len(prefix) {
+			switch frame[len(prefix)] {
+			case ',', '}', ' ':
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // Decode decodes a frame into v, wrapping errors with the message type.

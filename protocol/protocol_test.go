@@ -126,3 +126,20 @@ func TestEncodeRequestEmptyPayload(t *testing.T) {
 		}
 	}
 }
+
+func TestIsResponse(t *testing.T) {
+	cases := map[string]bool{
+		`{"type": "response", "request_id": "r1"}`: true,
+		`{"type":"response","request_id":"r1"}`:    true,
+		`{"type": "response"}`:                     true,
+		`{"type": "responses"}`:                    false,
+		`{"type": "heartbeat"}`:                    false,
+		`{"request_id": "r1", "type": "response"}`: false, // decoded by PeekType instead
+		`{"type": "response"`:                      false,
+	}
+	for frame, want := range cases {
+		if got := IsResponse([]byte(frame)); got != want {
+			t.Errorf("IsResponse(%s) = %v, want %v", frame, got, want)
+		}
+	}
+}

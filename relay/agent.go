@@ -272,10 +272,15 @@ func (a *agentConn) readFailure(err error) closeReason {
 // handleFrame acts on one text frame from an authenticated agent. Invalid
 // frames are counted and dropped; they never end the connection.
 func (a *agentConn) handleFrame(frame []byte) {
-	msgType, err := protocol.PeekType(frame)
-	if err != nil {
-		a.invalidFrame("invalid JSON or no type", err)
-		return
+	// Responses can be megabytes: those that start with their type skip the
+	// first parse, and their decoding below validates them.
+	msgType := protocol.TypeResponse
+	if !protocol.IsResponse(frame) {
+		var err error
+		if msgType, err = protocol.PeekType(frame); err != nil {
+			a.invalidFrame("invalid JSON or no type", err)
+			return
+		}
 	}
 	now := time.Now().UTC()
 	switch msgType {
