@@ -119,7 +119,6 @@ func (a *agentConn) serve() {
 	s.log.Info("agent connected", "provider", a.id, "user", a.userID, "version", a.state.AgentVersion, "ip", a.ip)
 
 	go a.writeLoop()
-	go a.pingLoop()
 	reason := a.readLoop()
 
 	a.close(reason)
@@ -412,25 +411,16 @@ func (a *agentConn) writeLoop() {
 	}
 }
 
-// pingLoop pings the agent and closes connections whose pong does not come
-// back, which finds half-open TCP connections that never deliver a close.
-func (a *agentConn) pingLoop() {
-	t := time.NewTicker(a.s.cfg.PingInterval)
-	defer t.Stop()
-	for {
-		select {
-		case <-a.ctx.Done():
-			return
-		case <-t.C:
-			ctx, cancel := context.WithTimeout(a.ctx, a.s.cfg.PongTimeout)
-			err := a.conn.Ping(ctx)
-			cancel()
-			if err != nil && a.ctx.Err() == nil {
-				a.s.log.Info("agent did not answer ping", "provider", a.id, "user", a.userID, "err", err)
-				a.close(closePingTimeout)
-				return
-			}
-		}
+// ping pings the agent and closes the connection when the pong does not
+// come back within PongTimeout, which finds half-open TCP connections that
+// never deliver a close.
+func (a *agentConn) ping() {
+	ctx, cancel := context.WithTimeout(a.ctx, a.s.cfg.PongTimeout)
+	err := a.conn.Ping(ctx)
+	cancel()
+	if err != nil && a.ctx.Err() == nil {
+		a.s.log.Info("agent did not answer ping", "provider", a.id, "user", a.userID, "err", err)
+		a.close(closePingTimeout)
 	}
 }
 

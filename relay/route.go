@@ -292,6 +292,30 @@ func (s *Server) HandleReplicaDown(replica string) {
 	}
 }
 
+// pingLoop pings every agent each PingInterval. One loop for all agents,
+// with a goroutine per agent only while its ping waits, costs less memory
+// than a loop per agent.
+func (s *Server) pingLoop() {
+	t := time.NewTicker(s.cfg.PingInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-t.C:
+			s.mu.Lock()
+			agents := make([]*agentConn, 0, len(s.agents))
+			for _, a := range s.agents {
+				agents = append(agents, a)
+			}
+			s.mu.Unlock()
+			for _, a := range agents {
+				go a.ping()
+			}
+		}
+	}
+}
+
 // sweepLoop forgets forwarded requests long past their deadline, so an agent
 // that never answers cannot grow memory without bound.
 func (s *Server) sweepLoop() {

@@ -56,7 +56,7 @@ type Config struct {
 	// a frame within it is disconnected. Zero means 10 s.
 	WriteTimeout time.Duration
 	// SendQueue is how many frames may wait for an agent's writer; when it is
-	// full the agent is disconnected as too slow. Zero means 256.
+	// full the agent is disconnected as too slow. Zero means 64.
 	SendQueue int
 	// PingInterval is how often the relay pings each agent. Zero means 20 s.
 	PingInterval time.Duration
@@ -118,7 +118,7 @@ func (c *Config) setDefaults() error {
 		c.MaxBodyBytes = 16 << 20
 	}
 	if c.SendQueue <= 0 {
-		c.SendQueue = 256
+		c.SendQueue = 64
 	}
 	if c.AuthFailureLimit <= 0 {
 		c.AuthFailureLimit = 20
@@ -190,6 +190,7 @@ func (s *Server) Start(ctx context.Context) error {
 		return err
 	}
 	go s.sweepLoop()
+	go s.pingLoop()
 	return nil
 }
 

@@ -89,6 +89,7 @@ type Redis struct {
 	reload    chan string // replica id to reload, "" for all
 	// resubscribeCh asks the receive loop to replace the subscription.
 	resubscribeCh chan struct{}
+	publishQueue  chan *publishRequest
 	stop          chan struct{}
 	done          sync.WaitGroup
 	closeOnce     sync.Once
@@ -191,6 +192,7 @@ func NewRedis(cfg RedisConfig) (*Redis, error) {
 		ops:           make(chan writeOp, 1024),
 		reload:        make(chan string, 64),
 		resubscribeCh: make(chan struct{}, 1),
+		publishQueue:  make(chan *publishRequest, 4096),
 		stop:          make(chan struct{}),
 		local:         make(map[string]Provider),
 		dirty:         make(map[string]struct{}),
@@ -254,10 +256,13 @@ func (s *Redis) Start(ctx context.Context, h Handler) error {
 	s.ownBeatSeen = time.Now()
 	s.mu.Unlock()
 
-	s.done.Add(3)
+	s.done.Add(3 + publishers)
 	go s.receiveLoop(pubsub)
 	go s.writeLoop()
 	go s.reloadLoop()
+	for range publishers {
+		go s.publishLoop()
+	}
 	s.log.Info("registry started", "prefix", s.cfg.Prefix, "ttl", s.cfg.TTL, "beat_interval", s.cfg.BeatInterval)
 	return nil
 }
@@ -623,21 +628,89 @@ func (s *Redis) Replicas(context.Context) ([]Replica, error) {
 	return out, nil
 }
 
+// publishers is how many goroutines send inbox messages. Several keep one
+// multi-megabyte answer from holding up every small message behind it.
+const publishers = 4
+
+// maxPublishBatch bounds how many queued messages one pipeline carries.
+const maxPublishBatch = 256
+
+// publishRequest is one inbox message waiting for a publisher.
+type publishRequest struct {
+	channel string
+	msg     []byte
+	done    chan error // buffered 1
+}
+
 // Send publishes msg on the inbox of replica id. Publishing to a channel
-// nobody listens on reports ErrReplicaGone.
+// nobody listens on reports ErrReplicaGone. Messages queued at the same
+// time go to Redis in one pipeline, which under load saves a round trip
+// and a system call per message.
 //
 // TODO: in Redis Cluster, PUBLISH counts only the subscribers of the node
 // that received it; sharded pub/sub (SPUBLISH) would keep this check exact.
 func (s *Redis) Send(ctx context.Context, replicaID string, msg []byte) error {
-	n, err := s.client.Publish(ctx, InboxChannel(s.cfg.Prefix, replicaID), msg).Result()
-	if err != nil {
-		s.metrics.inc(&s.metrics.RedisErrors)
-		return fmt.Errorf("%w: publish: %v", ErrUnavailable, err)
+	req := &publishRequest{channel: InboxChannel(s.cfg.Prefix, replicaID), msg: msg, done: make(chan error, 1)}
+	select {
+	case s.publishQueue <- req:
+	case <-ctx.Done():
+		return fmt.Errorf("%w: publish: %v", ErrUnavailable, ctx.Err())
+	case <-s.stop:
+		return ErrClosed
 	}
-	if n == 0 {
-		return ErrReplicaGone
+	select {
+	case err := <-req.done:
+		return err
+	case <-ctx.Done():
+		return fmt.Errorf("%w: publish: %v", ErrUnavailable, ctx.Err())
 	}
-	return nil
+}
+
+// publishLoop sends queued inbox messages, each batch in one pipeline.
+func (s *Redis) publishLoop() {
+	defer s.done.Done()
+	for {
+		var first *publishRequest
+		select {
+		case <-s.stop:
+			return
+		case first = <-s.publishQueue:
+		}
+		batch := []*publishRequest{first}
+	drain:
+		for len(batch) < maxPublishBatch {
+			select {
+			case req := <-s.publishQueue:
+				batch = append(batch, req)
+			default:
+				break drain
+			}
+		}
+		s.publishBatch(batch)
+	}
+}
+
+func (s *Redis) publishBatch(batch []*publishRequest) {
+	ctx, cancel := s.opContext()
+	defer cancel()
+	pipe := s.client.Pipeline()
+	cmds := make([]*redis.IntCmd, len(batch))
+	for i, req := range batch {
+		cmds[i] = pipe.Publish(ctx, req.channel, req.msg)
+	}
+	_, _ = pipe.Exec(ctx) // each command carries its own error
+	for i, req := range batch {
+		n, err := cmds[i].Result()
+		switch {
+		case err != nil:
+			s.metrics.inc(&s.metrics.RedisErrors)
+			req.done <- fmt.Errorf("%w: publish: %v", ErrUnavailable, err)
+		case n == 0:
+			req.done <- ErrReplicaGone
+		default:
+			req.done <- nil
+		}
+	}
 }
 
 type storedEvent struct {

@@ -80,7 +80,7 @@ func (c *config) settings() []setting {
 		dur(&c.ValidateTimeout, "RELAY_VALIDATE_TIMEOUT", "10s", "maximum time of one agent key check"),
 		num(&c.MaxMessageBytes, "RELAY_MAX_MESSAGE_BYTES", "16777216", "largest agent WebSocket message, in bytes"),
 		dur(&c.WriteTimeout, "RELAY_WRITE_TIMEOUT", "10s", "maximum time of one write to an agent before it is disconnected"),
-		num(&c.SendQueue, "RELAY_SEND_QUEUE", "256", "frames that may wait for one agent before it is disconnected as too slow"),
+		num(&c.SendQueue, "RELAY_SEND_QUEUE", "64", "frames that may wait for one agent before it is disconnected as too slow"),
 		dur(&c.PingInterval, "RELAY_PING_INTERVAL", "20s", "how often the relay pings each agent"),
 		dur(&c.PongTimeout, "RELAY_PONG_TIMEOUT", "10s", "time a ping waits for its pong before the agent is dropped"),
 		dur(&c.RequestTimeout, "RELAY_REQUEST_TIMEOUT", "30s", "wait for an agent's answer when a request has no timeout_ms"),
