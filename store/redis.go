@@ -588,6 +588,9 @@ func (s *Redis) Providers(context.Context) ([]Provider, error) {
 
 // UserProviders returns one user's providers from the view. It scans the
 // view without copying other users' records.
+//
+// TODO: an index by user would spare the scan, which takes about 0.45 ms
+// with 10,000 providers in the cluster (BenchmarkStatusRegistrySize).
 func (s *Redis) UserProviders(_ context.Context, userID string) ([]Provider, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
