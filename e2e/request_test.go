@@ -66,8 +66,8 @@ func TestRequestRouting(t *testing.T) {
 		if len(got.ProviderStatuses) != 1 || got.ProviderStatuses[0].Error != "timeout" {
 			t.Errorf("ib-status of dave through %s: provider_statuses %+v, expected one with error \"timeout\"", b.id, got.ProviderStatuses)
 		}
-		if !strings.Contains(got.Message, "did not answer") {
-			t.Errorf("ib-status of dave through %s: message %q does not say that the agent did not answer", b.id, got.Message)
+		if !strings.Contains(got.Message, "did not respond") {
+			t.Errorf("ib-status of dave through %s: message %q does not say that the agent did not respond", b.id, got.Message)
 		}
 	})
 

@@ -419,7 +419,7 @@ func (a *agentConn) ping() {
 	err := a.conn.Ping(ctx)
 	cancel()
 	if err != nil && a.ctx.Err() == nil {
-		a.s.log.Info("agent did not answer ping", "provider", a.id, "user", a.userID, "err", err)
+		a.s.log.Info("agent did not respond to ping", "provider", a.id, "user", a.userID, "err", err)
 		a.close(closePingTimeout)
 	}
 }
@@ -493,14 +493,14 @@ func (a *agentConn) failInflight() {
 	inflight := a.inflight
 	a.inflight = make(map[string]inflightRequest)
 	a.mu.Unlock()
-	message := "The agent disconnected before it answered."
+	message := "The agent disconnected before it responded."
 	switch a.reason {
 	case closeRestart, closeShutdown:
-		message = fmt.Sprintf("Replica %s, which held the agent, stopped before the agent answered; the agent reconnects to another replica.", a.s.id)
+		message = fmt.Sprintf("Replica %s, which held the agent, stopped before the agent responded; the agent reconnects to another replica.", a.s.id)
 	case closePingTimeout:
-		message = "The agent stopped answering pings and was disconnected before it answered."
+		message = "The agent stopped responding to pings and was disconnected before it responded."
 	case closeSlowReader:
-		message = "The agent read too slowly and was disconnected before it answered."
+		message = "The agent read too slowly and was disconnected before it responded."
 	}
 	for id, req := range inflight {
 		res := failure(codeProviderDisconnected, message)

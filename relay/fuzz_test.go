@@ -196,7 +196,7 @@ func peerSeeds(tb testing.TB) [][]byte {
 	add(peerMessage{V: peerVersion, Kind: "resp", ID: fuzzCallOther, Provider: fuzzRemoteGood, OK: true}, `{}`)
 	add(peerMessage{V: peerVersion, Kind: "resp", ID: fuzzCallOther, Provider: fuzzRemoteOther, Err: &errText}, `null`)
 	add(peerMessage{V: peerVersion, Kind: "resp", ID: fuzzCallGood, Provider: fuzzRemoteGood, Err: &emptyErr}, ``)
-	add(peerMessage{V: peerVersion, Kind: "fail", ID: fuzzCallGood, Provider: fuzzRemoteGood, Code: codeProviderDisconnected, Message: "The agent disconnected before it answered."}, ``)
+	add(peerMessage{V: peerVersion, Kind: "fail", ID: fuzzCallGood, Provider: fuzzRemoteGood, Code: codeProviderDisconnected, Message: "The agent disconnected before it responded."}, ``)
 	add(peerMessage{V: peerVersion, Kind: "fail", ID: fuzzCallOther, Provider: fuzzRemoteGood, Code: codeTimeout}, ``)
 	add(peerMessage{V: peerVersion, Kind: "fail", ID: fuzzCallGood, Provider: fuzzRemoteGood}, ``)
 	add(peerMessage{V: peerVersion, Kind: "req", ID: "r2-1", From: fuzzPeerReplica, Provider: fuzzLocalProvider, Type: "ib_status", Deadline: deadline}, `{}`)
@@ -292,7 +292,7 @@ func FuzzPeerMessage(f *testing.F) {
 func FuzzPeerMessageEncode(f *testing.F) {
 	f.Add(peerVersion, "resp", fuzzCallGood, "", fuzzRemoteGood, "", int64(0), true, "", false, "", "", []byte(`{"connected": true}`))
 	f.Add(peerVersion, "resp", "r1-9", "", "p1", "", int64(0), false, "boom\nline", true, "", "", []byte("{\"a\":\"x\\ny\"}\n"))
-	f.Add(peerVersion, "fail", fuzzCallGood, "", fuzzRemoteGood, "", int64(0), false, "", false, codeTimeout, "The agent did not answer ib_status within 5000 ms.", []byte(nil))
+	f.Add(peerVersion, "fail", fuzzCallGood, "", fuzzRemoteGood, "", int64(0), false, "", false, codeTimeout, "The agent did not respond to ib_status within 5000 ms.", []byte(nil))
 	f.Add(peerVersion, "req", "r2-1", fuzzPeerReplica, fuzzLocalProvider, "fetch_chain", int64(1893456000000), false, "", false, "", "", []byte(`{"ticker": "SPY"}`))
 	f.Add(-1, "", "", "", "", "", int64(-1), false, "", true, "", "", []byte("\n\n"))
 	f.Add(1<<62, "req", "\u2028<&>", "\"", "\\", "\x00", int64(-9223372036854775808), true, "\ud7ff", true, "\u00e9", "\U0001F600", []byte("\xff"))

@@ -165,7 +165,7 @@ func (s *Server) roundTripOnce(ctx context.Context, id string, p store.Provider,
 	case res := <-c.result:
 		return res
 	case <-timer.C:
-		return failure(codeTimeout, fmt.Sprintf("The agent did not answer %s within %d ms.", requestType, timeout.Milliseconds()))
+		return failure(codeTimeout, fmt.Sprintf("The agent did not respond to %s within %d ms.", requestType, timeout.Milliseconds()))
 	case <-ctx.Done():
 		return failure(codeTimeout, "The caller stopped waiting: "+ctx.Err().Error())
 	}
@@ -193,7 +193,7 @@ func (s *Server) deliver(id, providerID string, res callResult) {
 		return
 	case c.providerID != providerID:
 		s.metrics.lateResponses.WithLabelValues("wrong_provider").Inc()
-		s.log.Warn("answer from another provider than the request's dropped", "request_id", id, "provider", providerID, "expected", c.providerID)
+		s.log.Warn("response from a provider other than the request's dropped", "request_id", id, "provider", providerID, "expected", c.providerID)
 		return
 	}
 	c.result <- res
@@ -215,7 +215,7 @@ func (s *Server) sendResult(replica, id, providerID string, res callResult) {
 	defer cancel()
 	if err := s.store.Send(ctx, replica, encodePeerMessage(h, body)); err != nil {
 		s.metrics.peerSendErrors.Inc()
-		s.log.Warn("answer not delivered to the requesting replica", "request_id", id, "to", replica, "err", err)
+		s.log.Warn("response not delivered to the requesting replica", "request_id", id, "to", replica, "err", err)
 		return
 	}
 	s.metrics.peerMessages.WithLabelValues("out", h.Kind).Inc()

@@ -150,8 +150,8 @@ func (s *Server) liveStatus(ctx context.Context, p store.Provider, timeout time.
 			st.Message = *res.Error
 		}
 	case json.Unmarshal(res.Data, &data) != nil || data.Connected == nil:
-		st.Error = "invalid_answer"
-		st.Message = "The agent's ib_status answer has no boolean \"connected\" field."
+		st.Error = "invalid_response"
+		st.Message = "The agent's ib_status response has no boolean \"connected\" field."
 	default:
 		st.Connected = *data.Connected
 		st.Message = data.Message
@@ -205,7 +205,7 @@ func connectedMessage(st providerStatus) string {
 		return msgTWSConnected
 	}
 	if st.Error != "" {
-		return fmt.Sprintf("IB TWS connected, as of the agent's last state report; the agent did not answer the status request (%s).", st.Error)
+		return fmt.Sprintf("IB TWS connected, as of the agent's last state report; the agent did not respond to the status request (%s).", st.Error)
 	}
 	return msgTWSConnected
 }
@@ -234,7 +234,7 @@ func notConnectedMessage(first store.Provider, statuses []providerStatus, cached
 	case cached:
 		return msgTWSNotConnected
 	case counts[codeTimeout] > 0:
-		return fmt.Sprintf("Agent connected, but it did not answer the status request within %d ms.", timeout.Milliseconds())
+		return fmt.Sprintf("Agent connected, but it did not respond to the status request within %d ms.", timeout.Milliseconds())
 	case counts[codeProviderDisconnected] > 0:
 		return "Agent disconnected while its status was being checked; it usually reconnects within seconds."
 	case counts[codeRegistryUnavailable] > 0:

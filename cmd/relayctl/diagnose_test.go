@@ -249,7 +249,7 @@ func TestDiagnose(t *testing.T) {
 			fixture: fixture{
 				user:       "alice",
 				registries: [][]store.Provider{{fresh}},
-				live:       liveResponse([]store.Provider{fresh}, failedStatus(fresh, codeTimeout, "The agent did not answer ib_status within 3750 ms.")),
+				live:       liveResponse([]store.Provider{fresh}, failedStatus(fresh, codeTimeout, "The agent did not respond to ib_status within 3750 ms.")),
 			},
 			wantCode: verdictAgentTimeout, wantReplica: "r1", wantProvider: "p-fresh",
 			wantParts: []string{"on replica r1", "last heartbeat 2.0s ago", "within 3.75s"},
