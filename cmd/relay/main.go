@@ -214,7 +214,7 @@ func newRedisClient(cfg config, replicaID string) (*redis.Client, error) {
 		}
 		pool := x509.NewCertPool()
 		if !pool.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("RELAY_REDIS_CA_FILE %s holds no PEM certificate", cfg.RedisCAFile)
+			return nil, fmt.Errorf("RELAY_REDIS_CA_FILE %s contains no PEM certificate", cfg.RedisCAFile)
 		}
 		opts.TLSConfig.RootCAs = pool
 	}
