@@ -486,6 +486,21 @@ func (a *agentConn) inflightCount() int {
 	return len(a.inflight)
 }
 
+// waitingCount counts the requests in flight whose callers still wait.
+// Requests past their deadline stay recorded until expireInflight, so that a
+// late response is recognized, but no caller waits for them.
+func (a *agentConn) waitingCount(now time.Time) int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	n := 0
+	for _, req := range a.inflight {
+		if now.Before(req.deadline) {
+			n++
+		}
+	}
+	return n
+}
+
 // failInflight answers every request still in flight with
 // provider_disconnected, once the connection is gone.
 func (a *agentConn) failInflight() {

@@ -224,3 +224,21 @@ func TestHalfOpenAgentDetected(t *testing.T) {
 	}
 	eventually(t, time.Second, func() bool { return len(r.registry(t).Providers) == 0 }, "half-open agent still registered")
 }
+
+// TestDrainIgnoresTimedOutRequests times a request out against a silent
+// agent, then drains: the timed-out request no longer counts as in flight,
+// so the drain does not wait for DrainTimeout.
+func TestDrainIgnoresTimedOutRequests(t *testing.T) {
+	rs := newCluster(t, "memory", 1, func(c *Config) { c.DrainTimeout = 10 * time.Second })
+	startAgent(t, agentsim.Config{URL: rs[0].ws, APIKey: "key-alice", Silent: true}, rs...)
+	if status, _ := rs[0].request(t, map[string]any{"user_id": "alice", "request_type": "echo", "timeout_ms": 100}); status != http.StatusGatewayTimeout {
+		t.Fatalf("silent agent: status %d, want 504", status)
+	}
+	start := time.Now()
+	if err := rs[0].srv.Drain(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if took := time.Since(start); took > 3*time.Second {
+		t.Errorf("drain took %v with nothing in flight, want well below the 10 s drain timeout", took)
+	}
+}

@@ -335,8 +335,9 @@ func (s *Server) inFlight() int {
 		agents = append(agents, a)
 	}
 	s.mu.Unlock()
+	now := time.Now()
 	for _, a := range agents {
-		n += a.inflightCount()
+		n += a.waitingCount(now)
 	}
 	return n
 }

@@ -55,6 +55,7 @@ func main() {
 		fmt.Fprintln(os.Stderr, "relay:", err)
 		os.Exit(2)
 	}
+	redis.SetLogger(newRedisLogger(logger, 10*time.Second))
 	if err := run(cfg, logger); err != nil {
 		logger.Error("relay stopped with an error", "err", err)
 		os.Exit(1)

@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"log/slog"
 	"math/big"
 	"net"
 	"os"
@@ -130,4 +131,21 @@ func writeTestCertificates(t *testing.T, dir string) (caFile, certFile, keyFile 
 		return path
 	}
 	return write("ca.pem", "CERTIFICATE", caDER), write("server.pem", "CERTIFICATE", der), write("server-key.pem", "EC PRIVATE KEY", keyDER)
+}
+
+func TestRedisLoggerRateLimited(t *testing.T) {
+	var out strings.Builder
+	logger := slog.New(slog.NewJSONHandler(&out, nil))
+	l := newRedisLogger(logger, time.Hour)
+	for i := range 5 {
+		l.Printf(nil, "dial failed %d", i)
+	}
+	if n := strings.Count(out.String(), "\n"); n != 1 {
+		t.Fatalf("%d lines logged for 5 repeats within the interval, want 1:\n%s", n, out.String())
+	}
+	l.last = time.Time{}
+	l.Printf(nil, "dial failed again")
+	if !strings.Contains(out.String(), `"suppressed_since_last":4`) {
+		t.Errorf("the next line does not count the 4 suppressed ones:\n%s", out.String())
+	}
 }
