@@ -126,7 +126,7 @@ type observations struct {
 	StaleAfter time.Duration
 	// StatusWait is the timeout_ms sent with the live ib-status call.
 	StatusWait time.Duration
-	// RelayNow is the relay's clock at the end of collection, estimated
+	// RelayNow is the relay's clock at the end of sampling, estimated
 	// from the time field of the cluster responses, so that heartbeat ages do
 	// not depend on the operator's clock.
 	RelayNow time.Time
@@ -291,6 +291,11 @@ func collect(ctx context.Context, opts doctorOptions) observations {
 		}
 	}
 
+	// Ages are measured at the end of sampling, where the registry and
+	// cluster data come from, not after the live call, which may wait for
+	// a silent agent for most of -timeout.
+	sampledAt := time.Now()
+
 	first := obs.Samples[0]
 	reached := first.Cluster.Err == "" || first.Registry.Err == "" || (first.Cached != nil && first.Cached.Err == "")
 	if opts.userID != "" && reached && ctx.Err() == nil {
@@ -299,7 +304,7 @@ func collect(ctx context.Context, opts doctorOptions) observations {
 		obs.Live = &live
 	}
 
-	obs.RelayNow = time.Now().Add(relayClockOffset(obs.Samples))
+	obs.RelayNow = sampledAt.Add(relayClockOffset(obs.Samples))
 	return obs
 }
 

@@ -213,7 +213,7 @@ const (
 // providers, the live status, then the verdict as the last line.
 func writeText(w io.Writer, rep report) error {
 	var b strings.Builder
-	fmt.Fprintf(&b, "relay       %s  (%d samples, %d calls, %d failed)\n", rep.URL, rep.Samples, rep.Calls, len(rep.FailedCalls))
+	fmt.Fprintf(&b, "relay       %s  (%s, %s, %d failed)\n", rep.URL, plural(rep.Samples, "sample"), plural(rep.Calls, "call"), len(rep.FailedCalls))
 
 	fmt.Fprintf(&b, "replicas    %d seen\n", len(rep.Replicas))
 	for _, r := range rep.Replicas {
