@@ -115,6 +115,9 @@ func (a *Agent) runConnection(ctx context.Context) (authenticated bool, err erro
 	c.cancel()
 	<-c.readStopped
 	a.recordClose(c.readErr)
+	if code := closeCode(c.readErr); code != websocket.StatusAbnormalClosure && ctx.Err() == nil {
+		c.log.Info("relay closed the connection", "close_code", int(code), "status", code.String())
+	}
 	c.requests.Wait()
 	return true, err
 }
