@@ -90,6 +90,7 @@ type Redis struct {
 	// resubscribeCh asks the receive loop to replace the subscription.
 	resubscribeCh chan struct{}
 	publishQueue  chan *publishRequest
+	directPublish atomic.Bool // a Send publishes from its own goroutine
 	stop          chan struct{}
 	done          sync.WaitGroup
 	closeOnce     sync.Once
@@ -653,7 +654,15 @@ type publishRequest struct {
 // TODO: in Redis Cluster, PUBLISH counts only the subscribers of the node
 // that received it; sharded pub/sub (SPUBLISH) would keep this check exact.
 func (s *Redis) Send(ctx context.Context, replicaID string, msg []byte) error {
-	req := &publishRequest{channel: InboxChannel(s.cfg.Prefix, replicaID), msg: msg, done: make(chan error, 1)}
+	channel := InboxChannel(s.cfg.Prefix, replicaID)
+	// With nothing queued and no other direct publish running, there is no
+	// batch to join: publishing from this goroutine saves the hand-off.
+	if len(s.publishQueue) == 0 && s.directPublish.CompareAndSwap(false, true) {
+		defer s.directPublish.Store(false)
+		n, err := s.client.Publish(ctx, channel, msg).Result()
+		return s.publishResult(n, err)
+	}
+	req := &publishRequest{channel: channel, msg: msg, done: make(chan error, 1)}
 	select {
 	case s.publishQueue <- req:
 	case <-ctx.Done():
@@ -703,17 +712,20 @@ func (s *Redis) publishBatch(batch []*publishRequest) {
 	}
 	_, _ = pipe.Exec(ctx) // each command carries its own error
 	for i, req := range batch {
-		n, err := cmds[i].Result()
-		switch {
-		case err != nil:
-			s.metrics.inc(&s.metrics.RedisErrors)
-			req.done <- fmt.Errorf("%w: publish: %v", ErrUnavailable, err)
-		case n == 0:
-			req.done <- ErrReplicaGone
-		default:
-			req.done <- nil
-		}
+		req.done <- s.publishResult(cmds[i].Result())
 	}
+}
+
+// publishResult maps the result of one PUBLISH to Send's errors.
+func (s *Redis) publishResult(receivers int64, err error) error {
+	switch {
+	case err != nil:
+		s.metrics.inc(&s.metrics.RedisErrors)
+		return fmt.Errorf("%w: publish: %v", ErrUnavailable, err)
+	case receivers == 0:
+		return ErrReplicaGone
+	}
+	return nil
 }
 
 type storedEvent struct {
