@@ -104,6 +104,7 @@ type Redis struct {
 	gen      uint64
 	// Guarded by mu: the view of the other replicas.
 	peers   map[string]*peerView
+	users   userIndex // over local and peers
 	handler Handler
 	health  Health
 	// Guarded by mu: when this replica last received its own beat back.
@@ -198,6 +199,7 @@ func NewRedis(cfg RedisConfig) (*Redis, error) {
 		local:         make(map[string]Provider),
 		dirty:         make(map[string]struct{}),
 		peers:         make(map[string]*peerView),
+		users:         make(userIndex),
 		health:        Health{Backend: "redis", Since: time.Now().UTC()},
 		// Generations start at the start time, so that a process restarted
 		// under the same replica id writes newer generations than the
@@ -282,7 +284,7 @@ func (s *Redis) Register(ctx context.Context, p Provider) error {
 		s.mu.Unlock()
 		return ErrClosed
 	}
-	s.local[p.ID] = p
+	s.putLocalLocked(p)
 	s.mu.Unlock()
 	return s.submit(ctx, writeOp{up: &p})
 }
@@ -295,7 +297,7 @@ func (s *Redis) Update(p Provider) {
 	if _, ok := s.local[p.ID]; !ok {
 		return
 	}
-	s.local[p.ID] = p
+	s.putLocalLocked(p)
 	s.dirty[p.ID] = struct{}{}
 }
 
@@ -306,7 +308,7 @@ func (s *Redis) Unregister(ctx context.Context, id string) error {
 		s.mu.Unlock()
 		return nil
 	}
-	delete(s.local, id)
+	s.deleteLocalLocked(id)
 	delete(s.dirty, id)
 	closed := s.closed
 	s.mu.Unlock()
@@ -587,26 +589,25 @@ func (s *Redis) Providers(context.Context) ([]Provider, error) {
 	return out, nil
 }
 
-// UserProviders returns one user's providers from the view. It scans the
-// view without copying other users' records.
-//
-// TODO: an index by user would spare the scan, which takes about 0.45 ms
-// with 10,000 providers in the cluster (BenchmarkStatusRegistrySize).
+// UserProviders returns one user's providers from the view, found through
+// the index by user.
 func (s *Redis) UserProviders(_ context.Context, userID string) ([]Provider, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if !s.viewUsableLocked() {
 		return nil, ErrUnavailable
 	}
-	var out []Provider
-	for _, p := range s.local {
-		if p.UserID == userID {
-			out = append(out, p)
+	ids := s.users[userID]
+	out := make([]Provider, 0, len(ids))
+	for id, replica := range ids {
+		if replica == s.cfg.ReplicaID {
+			if p, ok := s.local[id]; ok {
+				out = append(out, p)
+			}
+			continue
 		}
-	}
-	for _, peer := range s.peers {
-		for _, p := range peer.providers {
-			if p.UserID == userID {
+		if peer := s.peers[replica]; peer != nil {
+			if p, ok := peer.providers[id]; ok {
 				out = append(out, p)
 			}
 		}

@@ -783,3 +783,65 @@ func TestRedisRestartUnderSameIDDropsOldEntries(t *testing.T) {
 	waitForIDs(t, ttl/2, restarted)
 	t.Logf("old providers gone from the other view %v after the restart (TTL %v)", time.Since(start).Round(time.Millisecond), ttl)
 }
+
+// TestRedisUserIndexMatchesView registers, moves and removes providers of a
+// few users on three replicas, with a reload and a replica leaving in
+// between, and checks on every replica that the index by user matches a
+// scan of the view.
+func TestRedisUserIndexMatchesView(t *testing.T) {
+	c := newPrivateCluster(t)
+	cfg := store.RedisConfig{BeatInterval: 100 * time.Millisecond, TTL: 500 * time.Millisecond}
+	a, _, _ := c.start("a", cfg)
+	b, _, _ := c.start("b", cfg)
+	leaving, _, leavingClient := c.start("leaving", cfg)
+	nodes := []*store.Redis{a, b, leaving}
+
+	var registered []store.Provider
+	for i := range 12 {
+		p := sampleProvider(randomHex(8), fmt.Sprintf("user-%d", i%4))
+		if err := nodes[i%3].Register(testContext(t), p); err != nil {
+			t.Fatalf("Register: %v", err)
+		}
+		registered = append(registered, p)
+	}
+	for i, p := range registered[:4] {
+		if err := nodes[i%3].Unregister(testContext(t), p.ID); err != nil {
+			t.Fatalf("Unregister: %v", err)
+		}
+	}
+	// A crash of the third replica: the others drop its view after the TTL.
+	leavingClient.Close()
+
+	check := func() error {
+		for _, n := range []*store.Redis{a, b} {
+			if err := n.CheckUserIndex(); err != nil {
+				return fmt.Errorf("%s: %w", n.ReplicaID(), err)
+			}
+			ps, err := n.UserProviders(testContext(t), "user-1")
+			if err != nil {
+				return err
+			}
+			all, _ := n.Providers(testContext(t))
+			want := 0
+			for _, p := range all {
+				if p.UserID == "user-1" {
+					want++
+				}
+			}
+			if len(ps) != want {
+				return fmt.Errorf("%s: UserProviders found %d of user-1, the view has %d", n.ReplicaID(), len(ps), want)
+			}
+		}
+		return nil
+	}
+	waitFor(t, 3*time.Second, "index matches the view after the crash", func() error {
+		if err := check(); err != nil {
+			return err
+		}
+		all, _ := a.Providers(testContext(t))
+		if len(all) != 5 {
+			return fmt.Errorf("a lists %d providers, want the 5 left on a and b", len(all))
+		}
+		return nil
+	})
+}

@@ -146,14 +146,14 @@ func (s *Redis) applyEvent(ev registryEvent) {
 	peer := s.peers[ev.ReplicaID]
 	if ev.Op == "bye" {
 		if peer != nil {
-			delete(s.peers, ev.ReplicaID)
+			s.setPeerLocked(ev.ReplicaID, nil)
 			s.replicaDownLocked(ev.ReplicaID)
 		}
 		return
 	}
 	if peer == nil {
 		peer = &peerView{info: Replica{ID: ev.ReplicaID}, providers: make(map[string]Provider)}
-		s.peers[ev.ReplicaID] = peer
+		s.setPeerLocked(ev.ReplicaID, peer)
 		s.requestReloadLocked(ev.ReplicaID)
 	}
 	peer.lastSeen = now
@@ -167,9 +167,9 @@ func (s *Redis) applyEvent(ev registryEvent) {
 		}
 		peer.gen = ev.Gen
 		if ev.Op == "up" && ev.Provider != nil {
-			peer.providers[ev.Provider.ID] = *ev.Provider
+			s.putPeerProviderLocked(ev.ReplicaID, peer, *ev.Provider)
 		} else {
-			delete(peer.providers, ev.ProviderID)
+			s.deletePeerProviderLocked(peer, ev.ProviderID)
 		}
 	case "beat":
 		if ev.Replica != nil {
@@ -179,7 +179,7 @@ func (s *Redis) applyEvent(ev registryEvent) {
 		// if its last update arrives after its removal.
 		for _, p := range ev.Updates {
 			if _, ok := peer.providers[p.ID]; ok {
-				peer.providers[p.ID] = p
+				s.putPeerProviderLocked(ev.ReplicaID, peer, p)
 			}
 		}
 		if ev.Gen != peer.gen {
@@ -284,7 +284,7 @@ func (s *Redis) reloadPeers(ctx context.Context, only string) error {
 			}
 			gone = append(gone, id)
 			if _, ok := s.peers[id]; ok {
-				delete(s.peers, id)
+				s.setPeerLocked(id, nil)
 				s.replicaDownLocked(id)
 			}
 			continue
@@ -311,9 +311,10 @@ func (s *Redis) reloadPeers(ctx context.Context, only string) error {
 				s.metrics.inc(&s.metrics.UnknownEvents)
 				continue
 			}
+			p.ID = field // the hash field is the provider id
 			view.providers[field] = p
 		}
-		s.peers[id] = view
+		s.setPeerLocked(id, view)
 	}
 	if len(gone) > 0 && only == "" {
 		// Clean the replica index of dead replicas, in the background of this reload.
@@ -342,7 +343,7 @@ func (s *Redis) checkPeers() {
 	}
 	for id, peer := range s.peers {
 		if peer.lastSeen.Before(deadline) {
-			delete(s.peers, id)
+			s.setPeerLocked(id, nil)
 			s.log.Warn("replica missed its beats, dropped from the registry view", "peer", id, "last_seen", peer.lastSeen)
 			s.replicaDownLocked(id)
 		}
