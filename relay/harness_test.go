@@ -111,6 +111,9 @@ func newMemoryCluster(t *testing.T, n int, tweak func(*Config)) []*replica {
 func newRedisCluster(t *testing.T, client redis.UniversalClient, n int, tweak func(*Config)) []*replica {
 	t.Helper()
 	prefix := "test-" + randomHex(6)
+	// Registered before the replicas start, so it runs after they stop:
+	// account events and auth failures outlive the replicas by a day.
+	t.Cleanup(func() { deleteKeys(client, prefix) })
 	metrics := map[string]*store.Metrics{}
 	withMetrics := func(c *Config) {
 		c.StoreMetrics = metrics[c.Store.ReplicaID()]
@@ -132,6 +135,25 @@ func newRedisCluster(t *testing.T, client redis.UniversalClient, n int, tweak fu
 		}
 		return st
 	})
+}
+
+// deleteKeys removes the keys of prefix, in a bounded number of SCAN rounds.
+func deleteKeys(client redis.UniversalClient, prefix string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	var cursor uint64
+	for range 100 {
+		keys, next, err := client.Scan(ctx, cursor, prefix+":*", 500).Result()
+		if err != nil {
+			return
+		}
+		if len(keys) > 0 {
+			client.Del(ctx, keys...)
+		}
+		if cursor = next; cursor == 0 {
+			return
+		}
+	}
 }
 
 func startReplicas(t *testing.T, n int, tweak func(*Config), newStore func(id string) store.Store) []*replica {
