@@ -2,6 +2,7 @@ package relay
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -17,8 +18,8 @@ import (
 	"github.com/relay-project/relay/store"
 )
 
-// closeReason is why the relay ends an agent connection: the WebSocket close
-// status, the text sent with it, and the label counted in metrics. A reason
+// closeReason is the reason the relay ends an agent connection: the WebSocket
+// close status, the text sent with it, and the label counted in metrics. A reason
 // without text drops the socket at once, with no close handshake: the peer
 // is unresponsive, and the handshake would wait for it for seconds.
 type closeReason struct {
@@ -63,13 +64,13 @@ type agentConn struct {
 
 	mu sync.Mutex
 	// Guarded by mu: the registry record and the requests sent to the agent
-	// that it has not answered yet, by request id.
+	// that it has not responded to yet, by request id.
 	state    store.Provider
 	inflight map[string]inflightRequest
 }
 
 // inflightRequest is a request forwarded to a local agent. origin is the
-// replica waiting for the answer, or "" when a caller on this replica waits.
+// replica waiting for the response, or "" when a caller on this replica waits.
 type inflightRequest struct {
 	origin      string
 	requestType string
@@ -137,7 +138,7 @@ func (a *agentConn) serve() {
 }
 
 // authenticate reads the first frame, which must be auth, validates the key
-// and registers the provider. On failure it answers and closes the socket.
+// and registers the provider. On failure it sends a failed auth_response and closes the socket.
 func (a *agentConn) authenticate() bool {
 	s := a.s
 	// A read whose context ends closes the socket, so the auth timeout is a
@@ -211,7 +212,7 @@ func (a *agentConn) authenticate() bool {
 	}
 	rcancel()
 
-	resp, _ := jsonMarshal(protocol.AuthResponse{Type: protocol.TypeAuthResponse, Success: true, ProviderID: a.id})
+	resp, _ := json.Marshal(protocol.AuthResponse{Type: protocol.TypeAuthResponse, Success: true, ProviderID: a.id})
 	wctx, wcancel := context.WithTimeout(a.ctx, s.cfg.WriteTimeout)
 	defer wcancel()
 	if err := a.conn.Write(wctx, websocket.MessageText, resp); err != nil {
@@ -227,7 +228,7 @@ func (a *agentConn) authenticate() bool {
 
 // rejectAuth sends a failed auth_response and closes the socket.
 func (a *agentConn) rejectAuth(text string, reason closeReason) {
-	resp, _ := jsonMarshal(protocol.AuthResponse{Type: protocol.TypeAuthResponse, Success: false, Error: text})
+	resp, _ := json.Marshal(protocol.AuthResponse{Type: protocol.TypeAuthResponse, Success: false, Error: text})
 	ctx, cancel := context.WithTimeout(a.ctx, a.s.cfg.WriteTimeout)
 	defer cancel()
 	if err := a.conn.Write(ctx, websocket.MessageText, resp); err == nil {
@@ -461,7 +462,7 @@ func (a *agentConn) request(id, requestType string, payload []byte, origin strin
 
 // resolve hands an agent's response to the caller waiting for it. A response
 // whose request id this agent was not sent is dropped: one agent never
-// answers for another, and late or repeated answers reach nobody.
+// responds for another, and late or repeated responses reach no caller.
 func (a *agentConn) resolve(msg protocol.Response) {
 	a.mu.Lock()
 	req, ok := a.inflight[msg.RequestID]
@@ -527,7 +528,7 @@ func (a *agentConn) failInflight() {
 	}
 }
 
-// expireInflight forgets requests whose callers stopped waiting long ago.
+// expireInflight drops the requests whose callers stopped waiting long ago.
 func (a *agentConn) expireInflight(now time.Time) {
 	a.mu.Lock()
 	defer a.mu.Unlock()

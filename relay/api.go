@@ -20,7 +20,7 @@ import (
 	"github.com/relay-project/relay/store"
 )
 
-// apiError is an error answer of the backend API: {"error": code, "message": text}.
+// apiError is an error response of the backend API: {"error": code, "message": text}.
 type apiError struct {
 	status    int
 	code      string
@@ -134,17 +134,11 @@ func (s *Server) providers(ctx context.Context, userID string) (list []store.Pro
 	if err == nil {
 		return list, true
 	}
-	s.mu.Lock()
-	agents := make([]*agentConn, 0, len(s.agents))
-	for _, a := range s.agents {
+	list = nil
+	for _, a := range s.agentList() {
 		if userID == "" || a.userID == userID {
-			agents = append(agents, a)
+			list = append(list, a.snapshot())
 		}
-	}
-	s.mu.Unlock()
-	list = make([]store.Provider, 0, len(agents))
-	for _, a := range agents {
-		list = append(list, a.snapshot())
 	}
 	return list, false
 }
@@ -152,7 +146,7 @@ func (s *Server) providers(ctx context.Context, userID string) (list []store.Pro
 var errRegistryUnavailable = apiErr(http.StatusServiceUnavailable, codeRegistryUnavailable,
 	"The cluster registry is unavailable on this replica: Redis cannot be reached, or its pub/sub subscription stopped delivering. Only agents on this replica can be reached; see /readyz for the store state.")
 
-// registryListing is the answer of GET /options/relay/registry.
+// registryListing is the response of GET /options/relay/registry.
 type registryListing struct {
 	ProvidersConnected int              `json:"providers_connected"`
 	Providers          []store.Provider `json:"providers"`
@@ -349,8 +343,8 @@ func parseTimeout(ms *float64, def, maxTimeout time.Duration) (time.Duration, er
 	return time.Duration(v * float64(time.Millisecond)), nil
 }
 
-// answerHead is the answer of POST /options/relay/request without its data,
-// which is spliced in as raw JSON so that large answers are not re-encoded.
+// answerHead is the response of POST /options/relay/request without its
+// data, which is spliced in as raw JSON so that large data is not re-encoded.
 type answerHead struct {
 	RequestID  string  `json:"request_id"`
 	ProviderID string  `json:"provider_id"`
@@ -425,8 +419,6 @@ func writeEventWithTime(buf *bytes.Buffer, ev store.AccountEvent) {
 	}
 	buf.WriteString(`"received_at":` + at + `}`)
 }
-
-func jsonMarshal(v any) ([]byte, error) { return json.Marshal(v) }
 
 // clusterView is the answer of GET /options/relay/cluster: what this replica
 // sees of the cluster, for operators and the status page.

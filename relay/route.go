@@ -26,14 +26,14 @@ const (
 // replica drops and counts messages of another version.
 const peerVersion = 1
 
-// callResult is the outcome of one routed request: the agent's answer, or a
-// failure code when no answer came.
+// callResult is the outcome of one routed request: the agent's response, or
+// a failure code when no response came.
 type callResult struct {
 	Success bool
 	Data    json.RawMessage // the agent's data as raw JSON; nil means null
 	Error   *string
-	Failure string // empty when the agent answered
-	Message string // why the request failed, for people
+	Failure string // empty when the agent responded
+	Message string // the reason the request failed, for people
 	// Stale is set when the registry named a replica that no longer holds
 	// the agent, so the request never reached it and may be retried.
 	Stale bool
@@ -49,7 +49,7 @@ func staleFailure(message string) callResult {
 	return callResult{Failure: codeProviderDisconnected, Message: message, Stale: true}
 }
 
-// call is a request started on this replica, waiting for its answer.
+// call is a request started on this replica, waiting for its response.
 type call struct {
 	providerID string
 	replica    string
@@ -100,7 +100,7 @@ func (s *Server) nextRequestID() string {
 // roundTrip sends one request to provider p, on this replica or through the
 // bus to the replica that holds it, and waits up to timeout for the answer.
 // The first result is the request id, unique in the cluster, which the
-// agent sees and the logs of every replica involved name.
+// agent receives and the logs of every replica involved contain.
 func (s *Server) roundTrip(ctx context.Context, p store.Provider, requestType string, payload []byte, timeout time.Duration) (string, callResult) {
 	start := time.Now()
 	id := s.nextRequestID()
@@ -303,21 +303,15 @@ func (s *Server) pingLoop() {
 		case <-s.ctx.Done():
 			return
 		case <-t.C:
-			s.mu.Lock()
-			agents := make([]*agentConn, 0, len(s.agents))
-			for _, a := range s.agents {
-				agents = append(agents, a)
-			}
-			s.mu.Unlock()
-			for _, a := range agents {
+			for _, a := range s.agentList() {
 				go a.ping()
 			}
 		}
 	}
 }
 
-// sweepLoop forgets forwarded requests long past their deadline, so an agent
-// that never answers cannot grow memory without bound.
+// sweepLoop drops forwarded requests long past their deadline, so an agent
+// that never responds cannot grow memory without bound.
 func (s *Server) sweepLoop() {
 	t := time.NewTicker(10 * time.Second)
 	defer t.Stop()
@@ -326,13 +320,7 @@ func (s *Server) sweepLoop() {
 		case <-s.ctx.Done():
 			return
 		case now := <-t.C:
-			s.mu.Lock()
-			agents := make([]*agentConn, 0, len(s.agents))
-			for _, a := range s.agents {
-				agents = append(agents, a)
-			}
-			s.mu.Unlock()
-			for _, a := range agents {
+			for _, a := range s.agentList() {
 				a.expireInflight(now)
 			}
 		}

@@ -63,7 +63,7 @@ type Config struct {
 	// PongTimeout is how long a ping waits for its pong before the agent is
 	// treated as gone. Zero means 10 s.
 	PongTimeout time.Duration
-	// RequestTimeout is the wait for an answer when a request sets no
+	// RequestTimeout is the wait for a response when a request sets no
 	// timeout_ms. Zero means 30 s.
 	RequestTimeout time.Duration
 	// MaxRequestTimeout is the largest timeout_ms accepted. Zero means 10 min.
@@ -71,7 +71,7 @@ type Config struct {
 	// StatusTimeout is the ib-status wait when timeout_ms is absent. Zero means 5 s.
 	StatusTimeout time.Duration
 	// StateMaxAge is how old an agent's last agent_state may be for ib-status
-	// to use it, from source=cache or when the agent does not answer. Agents
+	// to use it, from source=cache or when the agent does not respond. Agents
 	// report every 10 s. Zero means 30 s.
 	StateMaxAge time.Duration
 	// DrainTimeout bounds how long a stopping server waits for requests in
@@ -152,11 +152,11 @@ type Server struct {
 	mu sync.Mutex
 	// Guarded by mu: agents connected to this replica, by provider id.
 	agents map[string]*agentConn
-	// Guarded by mu: requests started on this replica that wait for an answer.
+	// Guarded by mu: requests started on this replica that wait for a response.
 	calls map[string]*call
 
 	conns sync.WaitGroup // agent connection handlers
-	// sending counts answers on their way to the replica that waits for
+	// sending counts responses on their way to the replica that waits for
 	// them; a draining server waits for them too.
 	sending atomic.Int64
 }
@@ -244,9 +244,9 @@ func (s *Server) nameReplica(next echo.HandlerFunc) echo.HandlerFunc {
 	}
 }
 
-// Drain stops the server as a rolling restart needs: readiness fails and new
-// agents are turned away, requests in flight get up to DrainTimeout to
-// finish, then agents are closed with status 1012 (service restart) and the
+// Drain stops the server as a rolling restart needs. Readiness fails and new
+// agents are turned away, and requests in flight get up to DrainTimeout to
+// finish. Then agents are closed with status 1012 (service restart) and the
 // replica leaves the registry. The HTTP server is the caller's to shut down
 // after Drain returns.
 func (s *Server) Drain(ctx context.Context) error {
@@ -302,14 +302,8 @@ func (s *Server) Close() error {
 // them one batch after another would make a drain with many dead
 // connections outlast its grace period.
 func (s *Server) closeAgents(reason closeReason) {
-	s.mu.Lock()
-	agents := make([]*agentConn, 0, len(s.agents))
-	for _, a := range s.agents {
-		agents = append(agents, a)
-	}
-	s.mu.Unlock()
 	var wg sync.WaitGroup
-	for _, a := range agents {
+	for _, a := range s.agentList() {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -319,6 +313,18 @@ func (s *Server) closeAgents(reason closeReason) {
 	wg.Wait()
 }
 
+// agentList returns the agents connected to this replica, taken under the
+// lock so that callers can act on them without holding it.
+func (s *Server) agentList() []*agentConn {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	agents := make([]*agentConn, 0, len(s.agents))
+	for _, a := range s.agents {
+		agents = append(agents, a)
+	}
+	return agents
+}
+
 func (s *Server) agentCount() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -326,17 +332,13 @@ func (s *Server) agentCount() int {
 }
 
 // inFlight counts requests started here, requests that local agents have
-// not answered yet, and answers not yet sent to the replica that waits.
+// not responded to yet, and responses not yet sent to the replica that waits.
 func (s *Server) inFlight() int {
 	s.mu.Lock()
 	n := len(s.calls) + int(s.sending.Load())
-	agents := make([]*agentConn, 0, len(s.agents))
-	for _, a := range s.agents {
-		agents = append(agents, a)
-	}
 	s.mu.Unlock()
 	now := time.Now()
-	for _, a := range agents {
+	for _, a := range s.agentList() {
 		n += a.waitingCount(now)
 	}
 	return n
