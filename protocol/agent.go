@@ -76,8 +76,8 @@ type BootPhase struct {
 	Timestamp float64 `json:"timestamp"`
 }
 
-// Response is an agent's answer to one request. Data is kept as raw JSON so
-// that large answers pass through the relay without being decoded.
+// Response is an agent's response to one request. Data is kept as raw JSON
+// so that large responses pass through the relay without being decoded.
 type Response struct {
 	RequestID string          `json:"request_id"`
 	Success   bool            `json:"success"`
@@ -85,7 +85,7 @@ type Response struct {
 	Error     *string         `json:"error"`
 }
 
-// AuthResponse is the relay's answer to Auth.
+// AuthResponse is the relay's response to Auth.
 type AuthResponse struct {
 	Type       string `json:"type"`
 	Success    bool   `json:"success"`
@@ -114,7 +114,7 @@ func PeekType(frame []byte) (string, error) {
 	return env.Type, nil
 }
 
-// responsePrefixes are how a response frame starts when its type comes
+// responsePrefixes are the openings of a response frame whose type comes
 // first, as the production agent (Python's json.dumps) writes it.
 var responsePrefixes = [][]byte{[]byte(`{"type": "response"`), []byte(`{"type":"response"`)}
 

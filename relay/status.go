@@ -14,7 +14,7 @@ import (
 	"github.com/relay-project/relay/store"
 )
 
-// providerStatus is one checked provider in an ib-status answer.
+// providerStatus is one checked provider in an ib-status response.
 type providerStatus struct {
 	ProviderID string `json:"provider_id"`
 	UserID     string `json:"user_id"`
@@ -25,7 +25,7 @@ type providerStatus struct {
 	Message    string `json:"message,omitempty"`
 }
 
-// ibStatus is the answer of GET /options/relay/ib-status.
+// ibStatus is the response of GET /options/relay/ib-status.
 type ibStatus struct {
 	Connected         bool             `json:"connected"`
 	AgentConnected    bool             `json:"agent_connected"`
@@ -40,7 +40,7 @@ type ibStatus struct {
 	BootPhase    *store.BootPhase `json:"boot_phase,omitempty"`
 }
 
-// Messages of an ib-status answer, one per cause.
+// Messages of an ib-status response, one per cause.
 const (
 	msgTWSConnected    = "IB TWS connected"
 	msgTWSNotConnected = "IB TWS not connected"

@@ -87,7 +87,7 @@ type Redis struct {
 	startedAt time.Time
 	ops       chan writeOp
 	reload    chan string // replica id to reload, "" for all
-	// resubscribeCh asks the receive loop to replace the subscription.
+	// resubscribeCh signals the receive loop to replace the subscription.
 	resubscribeCh chan struct{}
 	publishQueue  chan *publishRequest
 	directPublish atomic.Bool // a Send publishes from its own goroutine
@@ -634,7 +634,7 @@ func (s *Redis) Replicas(context.Context) ([]Replica, error) {
 }
 
 // publishers is how many goroutines send inbox messages. Several keep one
-// multi-megabyte answer from holding up every small message behind it.
+// multi-megabyte response from holding up every small message behind it.
 const publishers = 4
 
 // maxPublishBatch bounds how many queued messages one pipeline carries.
@@ -648,7 +648,7 @@ type publishRequest struct {
 }
 
 // Send publishes msg on the inbox of replica id. Publishing to a channel
-// nobody listens on reports ErrReplicaGone. Messages queued at the same
+// with no subscriber returns ErrReplicaGone. Messages queued at the same
 // time go to Redis in one pipeline, which under load saves a round trip
 // and a system call per message.
 //
